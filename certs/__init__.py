@@ -1,0 +1,1 @@
+"""Certificates: a CA and serving/client certificates (cryptography), CA-bundle injection."""

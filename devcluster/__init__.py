@@ -1,0 +1,1 @@
+"""devcluster component of the Koupleless module controller."""

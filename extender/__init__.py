@@ -1,0 +1,1 @@
+"""extender component of the Koupleless module controller."""

@@ -1,0 +1,5 @@
+import sys
+
+from koupleless.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""HTTP plumbing shared by the webhook and the extender: health, readiness, metrics, and TLS that
+picks up rotated certificate files without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+READY_CHECK = web.AppKey("ready_check", Callable[[], bool])
+
+
+def add_health_routes(
+    app: web.Application, ready: Callable[[], bool] = lambda: True, registry: CollectorRegistry = REGISTRY
+) -> None:
+    """`/healthz` (process alive), `/readyz` (can do its job), `/metrics` (Prometheus text)."""
+    app[READY_CHECK] = ready
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(request: web.Request) -> web.Response:
+        if request.app[READY_CHECK]():
+            return web.Response(text="ok")
+        return web.Response(status=503, text="not ready")
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+class ReloadingTLS:
+    """One server SSLContext whose certificate follows the files on disk.
+
+    Reloading into the same context means new handshakes get the new certificate while connections
+    already open keep theirs, so a rotation fails no request.
+    """
+
+    def __init__(self, cert_file: str, key_file: str, poll_interval: float = 1.0) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.poll_interval = poll_interval
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._stamp = self._file_stamp()
+        self.context.load_cert_chain(cert_file, key_file)
+        self.reloads = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def _file_stamp(self) -> tuple[float, int, float, int]:
+        c, k = os.stat(self.cert_file), os.stat(self.key_file)
+        return (c.st_mtime, c.st_size, k.st_mtime, k.st_size)
+
+    def check(self) -> bool:
+        """Reload when either file changed; keep the old certificate if the new pair is unreadable
+        (a half-written rotation), and try again on the next poll."""
+        try:
+            stamp = self._file_stamp()
+            if stamp == self._stamp:
+                return False
+            self.context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("certificate reload from %s failed, keeping the current one: %s", self.cert_file, exc)
+            return False
+        self._stamp = stamp
+        self.reloads += 1
+        log.info("reloaded serving certificate from %s", self.cert_file)
+        return True
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            self.check()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.watch())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,420 @@
+"""The module model: what a module Pod asks a base to do, and everything wrong with it.
+
+A module Pod carries one module per container (name = bizName, image = jar URL, env BIZ_VERSION =
+bizVersion) and says which bases may take it through required node affinity on the base labels.
+The webhook, the extender and the provider all read Pods through this module, so a rule lives here
+once. Parsing never raises on odd shapes: a Pod is network input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from koupleless import keys
+
+JsonDict = dict[str, Any]
+
+#: A container name is a DNS-1123 label; a bizName must also be one to be a container name.
+_BIZ_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: `<artifact>-<version>-ark-biz.jar`, where the version starts with a digit (Maven convention).
+_ARK_BIZ_JAR = re.compile(r"^(?P<artifact>.+?)-(?P<version>\d[0-9A-Za-z.+_-]*?)-ark-biz\.jar$")
+_JAR_URL_SCHEMES = ("http", "https", "file")
+
+AFFINITY_PATH = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+BASE_KEYS = (keys.LABEL_BASE_STACK, keys.LABEL_BASE_NAME, keys.LABEL_BASE_VERSION)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a module Pod: where (field path), what, and what to write instead."""
+
+    path: str
+    what: str
+    fix: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what} — {self.fix}"
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    """One container of a module Pod: the arklet BizModel it becomes."""
+
+    biz_name: str
+    biz_version: str
+    biz_url: str
+    #: Where BIZ_VERSION came from: the env var, the jar file name, or nowhere.
+    version_source: Literal["env", "jar", "missing"] = "env"
+
+    @property
+    def biz_key(self) -> str:
+        return f"{self.biz_name}:{self.biz_version}"
+
+    def to_biz_model(self) -> dict[str, str]:
+        """The arklet installBiz / uninstallBiz payload (empty fields omitted, as arklet expects)."""
+        model = {"bizName": self.biz_name, "bizVersion": self.biz_version, "bizUrl": self.biz_url}
+        return {k: v for k, v in model.items() if v}
+
+
+@dataclass(frozen=True, slots=True)
+class BaseRequirement:
+    """Allowed values per base label, one dict per nodeSelectorTerm (terms are ORed).
+
+    A key absent from a term means "any value". No terms at all means no requirement.
+    """
+
+    terms: tuple[Mapping[str, frozenset[str]], ...] = ()
+
+    def allows(self, node_labels: Mapping[str, str] | None) -> bool:
+        if not self.terms:
+            return True
+        labels = node_labels or {}
+        return any(
+            all(labels.get(key) in allowed for key, allowed in term.items()) for term in self.terms
+        )
+
+    def values(self, key: str) -> frozenset[str] | None:
+        """All values any term allows for `key`, or None when some term leaves it open."""
+        out: set[str] = set()
+        for term in self.terms:
+            if key not in term:
+                return None
+            out |= term[key]
+        return frozenset(out) if self.terms else None
+
+    def mismatches(self, node_labels: Mapping[str, str] | None) -> list[str]:
+        """For a node that fails, the keys the Pod constrains that the node does not meet (first term that
+        comes closest), so a caller can say *why* in words taken from the Pod."""
+        if not self.terms:
+            return []
+        labels = node_labels or {}
+        best: list[str] | None = None
+        for term in self.terms:
+            missing = [key for key, allowed in term.items() if labels.get(key) not in allowed]
+            if best is None or len(missing) < len(best):
+                best = missing
+        return best or []
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleSpec:
+    modules: tuple[Module, ...]
+    base: BaseRequirement = field(default_factory=BaseRequirement)
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any]) -> ModuleSpec:
+        spec = _dict(pod.get("spec"))
+        modules = tuple(module_from_container(c) for c in _list(spec.get("containers")) if isinstance(c, dict))
+        return cls(modules=modules, base=base_requirement(spec))
+
+    @property
+    def biz_names(self) -> list[str]:
+        return [m.biz_name for m in self.modules]
+
+
+def is_module_pod(pod: Mapping[str, Any]) -> bool:
+    return keys.is_module_pod_labels(_dict(_dict(pod.get("metadata")).get("labels")))
+
+
+def infer_from_jar(url: str) -> tuple[str, str] | None:
+    """(artifact, version) from a `<artifact>-<version>-ark-biz.jar` URL, else None."""
+    name = urlsplit(url).path.rsplit("/", 1)[-1]
+    match = _ARK_BIZ_JAR.match(name)
+    return (match["artifact"], match["version"]) if match else None
+
+
+def env_value(container: Mapping[str, Any], name: str) -> str | None:
+    for env in _list(container.get("env")):
+        if isinstance(env, dict) and env.get("name") == name:
+            value = env.get("value")
+            return value if isinstance(value, str) else ""
+    return None
+
+
+def module_from_container(container: Mapping[str, Any]) -> Module:
+    name = container.get("name")
+    image = container.get("image")
+    biz_name = name if isinstance(name, str) else ""
+    biz_url = image if isinstance(image, str) else ""
+    version = env_value(container, keys.ENV_BIZ_VERSION)
+    if version:
+        return Module(biz_name, version, biz_url, "env")
+    inferred = infer_from_jar(biz_url)
+    if inferred:
+        return Module(biz_name, inferred[1], biz_url, "jar")
+    return Module(biz_name, "", biz_url, "missing")
+
+
+def base_requirement(spec: Mapping[str, Any]) -> BaseRequirement:
+    terms = []
+    for term in _node_selector_terms(spec):
+        allowed: dict[str, frozenset[str]] = {}
+        for expr in _list(_dict(term).get("matchExpressions")):
+            expr = _dict(expr)
+            key = expr.get("key")
+            if key in BASE_KEYS and expr.get("operator") == "In":
+                values = frozenset(v for v in _list(expr.get("values")) if isinstance(v, str))
+                # Several expressions on one key are ANDed: intersect.
+                allowed[key] = allowed[key] & values if key in allowed else values
+        terms.append(allowed)
+    return BaseRequirement(tuple(terms))
+
+
+def validate_pod(pod: Mapping[str, Any], *, stack_defaulted: bool = False) -> list[Problem]:
+    """Every problem with a module Pod, errors and warnings, in field order.
+
+    `stack_defaulted`: the caller will add `base.koupleless.io/stack In [java]`, so a missing stack
+    is not reported.
+    """
+    problems: list[Problem] = []
+    spec = _dict(pod.get("spec"))
+    containers = spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        problems.append(
+            Problem(
+                "spec.containers",
+                "a module Pod needs at least one container",
+                "add one container per module: name = bizName, image = the module jar URL, "
+                "env BIZ_VERSION = its version",
+            )
+        )
+    else:
+        seen: dict[str, int] = {}
+        for i, container in enumerate(containers):
+            problems.extend(_container_problems(i, container, seen))
+    problems.extend(_affinity_problems(spec))
+    problems.extend(_unsupported_problems(spec))
+    return problems
+
+
+def errors(problems: Iterable[Problem]) -> list[Problem]:
+    return [p for p in problems if p.severity == "error"]
+
+
+def warnings(problems: Iterable[Problem]) -> list[Problem]:
+    return [p for p in problems if p.severity == "warning"]
+
+
+def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Problem]:
+    path = f"spec.containers[{i}]"
+    if not isinstance(container, dict):
+        return [Problem(path, "is not an object", "write a container with name, image and env BIZ_VERSION")]
+    out: list[Problem] = []
+    name = container.get("name")
+    image = container.get("image")
+    if not isinstance(name, str) or not name:
+        out.append(Problem(f"{path}.name", "bizName is required", "set the module's bizName, e.g. biz1"))
+    elif not _BIZ_NAME.match(name) or len(name) > 63:
+        out.append(
+            Problem(
+                f"{path}.name",
+                f"{name!r} is not a valid bizName",
+                "use the module's artifactId in lower case: letters, digits and '-', at most 63 "
+                "characters, starting and ending with a letter or digit, e.g. biz1",
+            )
+        )
+    elif name in seen:
+        out.append(
+            Problem(
+                f"{path}.name",
+                f"bizName {name!r} is also spec.containers[{seen[name]}]",
+                "a base holds one version of a module at a time: give each container its own module",
+            )
+        )
+    if isinstance(name, str) and name:
+        seen.setdefault(name, i)
+
+    jar = None
+    if not isinstance(image, str) or not image:
+        out.append(
+            Problem(
+                f"{path}.image",
+                "the module jar URL is required",
+                "set image to the ark-biz jar URL, e.g. https://host/biz1-0.0.1-ark-biz.jar",
+            )
+        )
+    elif not _is_jar_url(image):
+        out.append(
+            Problem(
+                f"{path}.image",
+                f"{image!r} is not an http(s) or file URL of a .jar",
+                "set image to the module's ark-biz jar URL, e.g. "
+                "https://host/biz1-0.0.1-SNAPSHOT-ark-biz.jar or file:///opt/modules/biz1.jar",
+            )
+        )
+    else:
+        jar = infer_from_jar(image)
+
+    version = env_value(container, keys.ENV_BIZ_VERSION)
+    env_path = f"{path}.env"
+    if version is None or version == "":
+        if _env_has_value_from(container, keys.ENV_BIZ_VERSION):
+            out.append(
+                Problem(
+                    env_path,
+                    "BIZ_VERSION comes from valueFrom, which a base cannot resolve",
+                    "write BIZ_VERSION as a literal value, the module version declared in pom.xml, "
+                    "e.g. 0.0.1-SNAPSHOT",
+                )
+            )
+        elif jar is None:
+            out.append(
+                Problem(
+                    env_path,
+                    "BIZ_VERSION is required",
+                    "the module version declared in pom.xml, e.g. 0.0.1-SNAPSHOT "
+                    "(or name the jar <artifact>-<version>-ark-biz.jar so it can be inferred)",
+                )
+            )
+    if jar and isinstance(name, str) and name and jar[0] != name:
+        out.append(
+            Problem(
+                f"{path}.name",
+                f"bizName {name!r} differs from the jar's artifact name {jar[0]!r}",
+                "make sure it matches the bizName declared in the module's pom.xml",
+                "warning",
+            )
+        )
+    if jar and version and jar[1] != version:
+        out.append(
+            Problem(
+                env_path,
+                f"BIZ_VERSION {version!r} differs from the version in the jar name {jar[1]!r}",
+                "make sure it matches the version declared in the module's pom.xml",
+                "warning",
+            )
+        )
+    for ignored in ("command", "args", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle"):
+        if container.get(ignored):
+            out.append(
+                Problem(
+                    f"{path}.{ignored}",
+                    f"{ignored} is ignored: a base runs the module inside its own JVM",
+                    f"remove {ignored}",
+                    "warning",
+                )
+            )
+    return out
+
+
+def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
+    terms = _node_selector_terms(spec)
+    if not terms:
+        return [
+            Problem(
+                AFFINITY_PATH,
+                "no base name or version is required",
+                f"add nodeSelectorTerms with matchExpressions {keys.LABEL_BASE_NAME} In [<base name>] and "
+                f"{keys.LABEL_BASE_VERSION} In [<base version>], so the module lands only on bases that can run it",
+            )
+        ]
+    out: list[Problem] = []
+    for t, term in enumerate(terms):
+        term_path = f"{AFFINITY_PATH}.nodeSelectorTerms[{t}].matchExpressions"
+        present: set[str] = set()
+        for e, expr in enumerate(_list(_dict(term).get("matchExpressions"))):
+            expr = _dict(expr)
+            key = expr.get("key")
+            if key not in BASE_KEYS:
+                continue
+            present.add(key)
+            op = expr.get("operator")
+            values = _list(expr.get("values"))
+            if op != "In":
+                out.append(
+                    Problem(
+                        f"{term_path}[{e}].operator",
+                        f"operator {op!r} on {key} is not supported",
+                        "use operator In with the exact values allowed, e.g. values: [1.1.1]",
+                    )
+                )
+            elif not values or not all(isinstance(v, str) and v for v in values):
+                out.append(
+                    Problem(
+                        f"{term_path}[{e}].values",
+                        f"{key} In needs at least one non-empty value",
+                        "list the allowed values, e.g. values: [1.1.1]",
+                    )
+                )
+        for key, example in ((keys.LABEL_BASE_NAME, "base"), (keys.LABEL_BASE_VERSION, "1.1.1")):
+            if key not in present:
+                out.append(
+                    Problem(
+                        term_path,
+                        f"no {key} requirement",
+                        f"add {{key: {key}, operator: In, values: [{example}]}}",
+                    )
+                )
+    return out
+
+
+def _unsupported_problems(spec: Mapping[str, Any]) -> list[Problem]:
+    out: list[Problem] = []
+    if spec.get("initContainers"):
+        out.append(
+            Problem(
+                "spec.initContainers",
+                "a base cannot run init containers",
+                "remove initContainers; put each module in spec.containers",
+            )
+        )
+    if spec.get("ephemeralContainers"):
+        out.append(
+            Problem("spec.ephemeralContainers", "a base cannot run ephemeral containers", "remove them")
+        )
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        out.append(
+            Problem(
+                "spec",
+                "hostNetwork / hostPID / hostIPC have no meaning for a module",
+                "remove them: a module runs inside its base's JVM",
+            )
+        )
+    return out
+
+
+def has_stack_requirement(spec: Mapping[str, Any]) -> bool:
+    terms = _node_selector_terms(spec)
+    return bool(terms) and all(
+        any(_dict(e).get("key") == keys.LABEL_BASE_STACK for e in _list(_dict(t).get("matchExpressions")))
+        for t in terms
+    )
+
+
+def _node_selector_terms(spec: Mapping[str, Any]) -> list[Any]:
+    required = _dict(_dict(_dict(spec.get("affinity")).get("nodeAffinity")).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ))
+    return _list(required.get("nodeSelectorTerms"))
+
+
+def _env_has_value_from(container: Mapping[str, Any], name: str) -> bool:
+    return any(
+        isinstance(env, dict) and env.get("name") == name and env.get("valueFrom")
+        for env in _list(container.get("env"))
+    )
+
+
+def _is_jar_url(image: str) -> bool:
+    try:
+        parts = urlsplit(image)
+    except ValueError:
+        return False
+    if parts.scheme not in _JAR_URL_SCHEMES:
+        return False
+    if parts.scheme != "file" and not parts.netloc:
+        return False
+    return parts.path.endswith(".jar")
+
+
+def _dict(value: Any) -> JsonDict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []

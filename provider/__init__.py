@@ -1,0 +1,1 @@
+"""provider component of the Koupleless module controller."""

@@ -1,0 +1,1 @@
+"""webhook component of the Koupleless module controller."""
