@@ -58,8 +58,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
             continue
         module = _load(module_path)
         if module is None:
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(run=_not_implemented(name))
+            p.set_defaults(run=_not_implemented(name), accepts_any=True)
         else:
             module.add_arguments(p)
             p.set_defaults(run=module.run)
@@ -68,7 +67,10 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(args_list).parse_args(args_list)
+    parser = build_parser(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown and not getattr(args, "accepts_any", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
