@@ -1,0 +1,84 @@
+"""A real MQTT broker for tests and `dev`: Debian's mosquitto on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devcluster.processes import ManagedProcess, StartError, free_port, tcp_open
+
+_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def find_mosquitto(install: bool = True) -> str:
+    found = shutil.which("mosquitto") or next((c for c in _CANDIDATES if os.access(c, os.X_OK)), None)
+    if found:
+        return found
+    if not install:
+        raise StartError("mosquitto", "not installed — run `apt-get install mosquitto`", None)
+    if os.geteuid() != 0:
+        raise StartError("mosquitto", "not installed and not root — run `sudo apt-get install mosquitto`", None)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True)
+    proc = subprocess.run(["apt-get", "install", "-y", "-qq", "mosquitto"], env=env, capture_output=True, text=True)
+    found = next((c for c in _CANDIDATES if os.access(c, os.X_OK)), None)
+    if not found:
+        raise StartError("mosquitto", f"apt-get install mosquitto failed:\n{proc.stderr[-2000:]}", None)
+    return found
+
+
+@dataclass
+class Broker:
+    host: str = "127.0.0.1"
+    port: int = 0
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="koupleless-mqtt-")))
+    #: username -> password; empty means anonymous access.
+    users: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> Broker:
+        binary = find_mosquitto()
+        self.port = self.port or free_port()
+        conf = self.workdir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} {self.host}",
+            "persistence false",
+            "log_dest stdout",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "max_queued_messages 100000",
+        ]
+        if self.users:
+            passwd = self.workdir / "passwd"
+            passwd.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
+            subprocess.run([_passwd_tool(binary), "-U", str(passwd)], check=True, capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {passwd}"]
+        else:
+            lines.append("allow_anonymous true")
+        conf.write_text("\n".join(lines) + "\n")
+        self.process = ManagedProcess("mosquitto", [binary, "-c", str(conf)], self.workdir / "mosquitto.log").start()
+        self.process.wait_ready(lambda: tcp_open(self.host, self.port), timeout=20)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if getattr(self, "process", None):
+            self.process.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _passwd_tool(binary: str) -> str:
+    return shutil.which("mosquitto_passwd") or str(Path(binary).parent.parent / "bin" / "mosquitto_passwd")

@@ -1,0 +1,115 @@
+"""Child processes that die with us: started in their own session, stopped by PID, logs kept for errors."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If the test run or `dev` is killed outright (SIGKILL, crash), the kernel sends SIGTERM to the
+    # children, so no control-plane process is left behind.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StartError(RuntimeError):
+    """A component did not come up: says which, why, and the tail of its log."""
+
+    def __init__(self, component: str, why: str, log_path: Path | None) -> None:
+        tail = log_tail(log_path) if log_path else ""
+        msg = f"{component} failed to start: {why}"
+        if tail:
+            msg += f"\n--- last lines of {log_path} ---\n{tail}"
+        super().__init__(msg)
+        self.component = component
+
+
+def log_tail(path: Path | None, lines: int = 25) -> str:
+    if path is None or not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 16384))
+        data = f.read().decode(errors="replace")
+    return "\n".join(data.splitlines()[-lines:])
+
+
+class ManagedProcess:
+    def __init__(self, name: str, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = list(args)
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        try:
+            self.proc = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                env=self.env,
+            )
+        except OSError as exc:
+            raise StartError(self.name, f"cannot execute {self.args[0]}: {exc}", None) from exc
+        finally:
+            log.close()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float = 60.0, interval: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                code = self.proc.returncode if self.proc else None
+                raise StartError(self.name, f"exited with code {code}", self.log_path)
+            with contextlib.suppress(Exception):
+                if check():
+                    return
+            time.sleep(interval)
+        raise StartError(self.name, f"not ready after {timeout:.0f}s", self.log_path)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def tcp_open(host: str, port: int) -> bool:
+    with socket.create_connection((host, port), timeout=1):
+        return True
