@@ -1,0 +1,313 @@
+"""Kubernetes Events (what `kubectl describe` shows under "Events:"), recorded without blocking.
+
+`event()` only queues; one background task writes. Identical events (same object, type, reason,
+message) within the aggregation window bump `count` and `lastTimestamp` on the Event already
+written, like client-go's correlator, so a retry loop shows "(x5 over 2m)" instead of five rows.
+A failed write is logged and counted; it never reaches the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from koupleless.kube import metrics
+from koupleless.kube.client import ApiError, KubeClient, backoff_delay, event_path
+
+log = logging.getLogger(__name__)
+
+NORMAL = "Normal"
+WARNING = "Warning"
+EVENT_TYPES = (NORMAL, WARNING)
+
+#: Longer messages are cut (with " ...") like the scheduler's event notes.
+MESSAGE_LIMIT_BYTES = 1024
+#: Events waiting to be written; beyond this, new ones are dropped and counted.
+QUEUE_LIMIT = 4096
+#: Correlation entries remembered (least recently used are forgotten first).
+CACHE_LIMIT = 4096
+#: Per-object budget of new Event objects: a burst of 25, then one per 5 minutes (client-go's
+#: spam filter numbers). Count bumps on an existing Event are not limited.
+SPAM_BURST = 25
+SPAM_REFILL_SECONDS = 300.0
+WRITE_ATTEMPTS = 4
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _timestamp(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def truncate_message(message: str, limit: int = MESSAGE_LIMIT_BYTES) -> str:
+    raw = message.encode()
+    if len(raw) <= limit:
+        return message
+    return raw[: limit - 4].decode(errors="ignore") + " ..."
+
+
+def object_reference(obj: dict[str, Any], kind: str | None = None, api_version: str | None = None) -> dict[str, Any]:
+    """The involvedObject for `obj`. Node events carry the node *name* as uid, because that is
+    what `kubectl describe node` searches for (kubelet does the same)."""
+    meta = obj.get("metadata") or {}
+    kind = kind or obj.get("kind") or ""
+    ref: dict[str, Any] = {
+        "kind": kind,
+        "apiVersion": api_version or obj.get("apiVersion") or "v1",
+        "name": meta.get("name", ""),
+    }
+    if meta.get("namespace"):
+        ref["namespace"] = meta["namespace"]
+    uid = meta.get("name", "") if kind == "Node" else meta.get("uid")
+    if uid:
+        ref["uid"] = uid
+    if meta.get("resourceVersion"):
+        ref["resourceVersion"] = meta["resourceVersion"]
+    return ref
+
+
+@dataclass
+class _Pending:
+    ref: dict[str, Any]
+    type_: str
+    reason: str
+    message: str
+    at: dt.datetime
+
+
+@dataclass
+class _Written:
+    namespace: str
+    name: str
+    count: int
+    seen: float  # monotonic
+
+
+class _ObjectBudget:
+    def __init__(self) -> None:
+        self.tokens = float(SPAM_BURST)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(SPAM_BURST, self.tokens + (now - self.stamp) / SPAM_REFILL_SECONDS)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class EventRecorder:
+    def __init__(
+        self,
+        client: KubeClient,
+        component: str,
+        host: str | None = None,
+        *,
+        aggregate_window: float = 600.0,
+    ) -> None:
+        self.client = client
+        self.component = component
+        self.host = host if host is not None else os.environ.get("NODE_NAME") or socket.gethostname()
+        self.aggregate_window = aggregate_window
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._written: collections.OrderedDict[tuple[str, ...], _Written] = collections.OrderedDict()
+        self._budgets: collections.OrderedDict[tuple[str, ...], _ObjectBudget] = collections.OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- the caller's side: never blocks, never raises -------------------------------------------
+
+    def event(
+        self,
+        obj: dict[str, Any],
+        type_: str,
+        reason: str,
+        message: str,
+        *,
+        kind: str | None = None,
+        api_version: str | None = None,
+    ) -> None:
+        """Queue an Event about `obj` (a Pod, Node, ... dict with kind, apiVersion and metadata)."""
+        ref = object_reference(obj, kind, api_version)
+        if not ref["kind"] or not ref["name"] or type_ not in EVENT_TYPES:
+            metrics.EVENTS_RECORDED.labels(self.component, "invalid").inc()
+            log.error(
+                "event %s/%s not recorded: needs kind, metadata.name and type Normal|Warning "
+                "(got kind=%r name=%r type=%r)", reason, message[:80], ref["kind"], ref["name"], type_,
+            )
+            return
+        if len(self._queue) >= QUEUE_LIMIT:
+            metrics.EVENTS_RECORDED.labels(self.component, "dropped").inc()
+            log.warning("event queue full (%d); dropped %s %s on %s", QUEUE_LIMIT, type_, reason, ref["name"])
+            return
+        self._queue.append(_Pending(ref, type_, reason, truncate_message(message), _now()))
+        self._idle.clear()
+        self._wakeup.set()
+
+    def normal(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        self.event(obj, NORMAL, reason, message)
+
+    def warning(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        self.event(obj, WARNING, reason, message)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"events:{self.component}")
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written (or given up on)."""
+        await self._idle.wait()
+
+    async def stop(self, flush_seconds: float = 5.0) -> None:
+        """Write what is queued (for at most `flush_seconds`), then stop the writer."""
+        if self._task is None:
+            return
+        try:
+            async with asyncio.timeout(flush_seconds):
+                await self.flush()
+        except TimeoutError:
+            log.warning("stopping with %d events unwritten", len(self._queue))
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    # --- the writer -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            pending = self._queue.popleft()
+            try:
+                await self._write(pending)
+            except Exception:
+                metrics.EVENTS_RECORDED.labels(self.component, "failed").inc()
+                log.exception("event %s on %s not written", pending.reason, pending.ref.get("name"))
+
+    def _correlation_key(self, p: _Pending) -> tuple[str, ...]:
+        r = p.ref
+        return (
+            r["kind"], r.get("namespace", ""), r["name"], r.get("uid", ""), r["apiVersion"],
+            p.type_, p.reason, p.message,
+        )
+
+    def _remember(self, key: tuple[str, ...], written: _Written) -> None:
+        self._written[key] = written
+        self._written.move_to_end(key)
+        while len(self._written) > CACHE_LIMIT:
+            self._written.popitem(last=False)
+
+    def _budget(self, p: _Pending) -> _ObjectBudget:
+        key = (p.ref["kind"], p.ref.get("namespace", ""), p.ref["name"], p.ref.get("uid", ""))
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = _ObjectBudget()
+            while len(self._budgets) > CACHE_LIMIT:
+                self._budgets.popitem(last=False)
+        self._budgets.move_to_end(key)
+        return budget
+
+    async def _write(self, p: _Pending) -> None:
+        key = self._correlation_key(p)
+        seen = self._written.get(key)
+        now = time.monotonic()
+        if seen is not None and now - seen.seen <= self.aggregate_window:
+            body = {"count": seen.count + 1, "lastTimestamp": _timestamp(p.at)}
+            try:
+                await self._with_retries(
+                    lambda: self.client.patch(event_path(seen.namespace, seen.name), body, "merge")
+                )
+            except ApiError as exc:
+                if not exc.not_found:
+                    self._failed(p, exc)
+                    return
+                # The Event expired (default TTL 1h) or was deleted: start a new one below.
+            else:
+                seen.count += 1
+                seen.seen = now
+                self._remember(key, seen)
+                metrics.EVENTS_RECORDED.labels(self.component, "aggregated").inc()
+                return
+        if not self._budget(p).take():
+            metrics.EVENTS_RECORDED.labels(self.component, "throttled").inc()
+            log.debug("event %s on %s throttled (too many for one object)", p.reason, p.ref["name"])
+            return
+        namespace = p.ref.get("namespace") or "default"
+        name = f"{p.ref['name']}.{time.time_ns():x}"
+        event = self._event_body(p, namespace, name)
+        try:
+            await self._with_retries(lambda: self.client.create(event_path(namespace), event))
+        except ApiError as exc:
+            if not exc.already_exists:
+                self._failed(p, exc)
+                return
+            event["metadata"]["name"] = name = f"{name}{random.getrandbits(16):x}"
+            try:
+                await self.client.create(event_path(namespace), event)
+            except ApiError as exc2:
+                self._failed(p, exc2)
+                return
+        self._remember(key, _Written(namespace, name, 1, now))
+        metrics.EVENTS_RECORDED.labels(self.component, "created").inc()
+
+    def _event_body(self, p: _Pending, namespace: str, name: str) -> dict[str, Any]:
+        stamp = _timestamp(p.at)
+        source = {"component": self.component}
+        if self.host:
+            source["host"] = self.host
+        return {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": name, "namespace": namespace},
+            "involvedObject": p.ref,
+            "type": p.type_,
+            "reason": p.reason,
+            "message": p.message,
+            "source": source,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "reportingComponent": self.component,
+            "reportingInstance": self.host or "",
+        }
+
+    async def _with_retries(self, call: Any) -> dict[str, Any]:
+        """Retry what may succeed later (no answer, 429, 5xx); give up on the rest at once."""
+        attempt = 0
+        while True:
+            try:
+                result: dict[str, Any] = await call()
+                return result
+            except ApiError as exc:
+                transient = exc.status == 0 or exc.status == 429 or exc.status >= 500
+                attempt += 1
+                if not transient or attempt >= WRITE_ATTEMPTS:
+                    raise
+                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10.0))
+
+    def _failed(self, p: _Pending, exc: ApiError) -> None:
+        metrics.EVENTS_RECORDED.labels(self.component, "failed").inc()
+        # A namespace being deleted refuses new Events; that is routine, not an alarm.
+        level = logging.DEBUG if exc.status == 403 and "terminat" in exc.message else logging.WARNING
+        log.log(level, "event %s %s on %s/%s not written: %s", p.type_, p.reason, p.ref.get("kind"), p.ref["name"], exc)
