@@ -1,0 +1,119 @@
+"""`module-controller base-sim`: simulated bases for development, tests and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from aiohttp import web
+
+from koupleless import keys, runtime
+from koupleless.http import add_health_routes
+from provider.basesim import BaseSimulator
+from provider.tunnel import add_broker_arguments, broker_from_args
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+Inspecting and steering the bases (--status-port, HTTP on 127.0.0.1):
+  GET  /bases                 JSON {"connected": bool, "bases": {baseID: {name, version, ip, alive,
+                              installs, uninstalls, modules: [{name, version, url, state, message}]}}}
+  POST /bases/<id>/kill       the base's JVM dies: no heartbeat, no answers, no goodbye
+  POST /bases/<id>/shutdown   the base stops cleanly: one DEACTIVATED heartbeat, then silence
+  POST /bases/<id>/restart    a fresh JVM with the same identity and no modules
+Base IDs are <id-prefix><n>, n = 0..count-1 (default prefix <name>-<version with dots as dashes>-).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    add_broker_arguments(parser)
+    parser.add_argument("--env", default=keys.DEFAULT_ENV, help="topic env: koupleless_<env>/... (default dev)")
+    parser.add_argument("--count", type=int, default=1, help="number of bases (default 1)")
+    parser.add_argument("--name", default="base", help="base name label (default base)")
+    parser.add_argument("--version", dest="base_version", default="1.1.1", help="base version (default 1.1.1)")
+    parser.add_argument("--cluster-name", default="", help="base cluster name (default: the base name)")
+    parser.add_argument("--id-prefix", default=None, help="base ID prefix (default <name>-<version>-)")
+    parser.add_argument("--install-delay", type=float, default=0.0, metavar="S", help="seconds an install takes")
+    parser.add_argument("--fail-rate", type=float, default=0.0, metavar="P", help="probability an install fails")
+    parser.add_argument(
+        "--fail-biz", action="append", default=[], metavar="NAME", help="always fail installs of this bizName"
+    )
+    parser.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="S", help="default 10, as arklet")
+    parser.add_argument("--memory-mb", type=int, default=4096, help="JVM max memory each base reports")
+    parser.add_argument("--cpus", type=int, default=4, help="CPU count each base reports")
+    parser.add_argument("--status-port", type=int, default=0, help="HTTP port on 127.0.0.1 for /bases (0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for --fail-rate")
+    runtime.add_logging_arguments(parser)
+
+
+def make_app(sim: BaseSimulator) -> web.Application:
+    app = web.Application()
+    add_health_routes(app, ready=lambda: sim.tunnel.connected.is_set())
+
+    async def bases(_: web.Request) -> web.Response:
+        return web.json_response(sim.snapshot())
+
+    async def act(request: web.Request) -> web.Response:
+        base_id, action = request.match_info["id"], request.match_info["action"]
+        if base_id not in sim.bases:
+            return web.json_response({"error": f"no base {base_id!r}; GET /bases lists them"}, status=404)
+        handlers = {"kill": sim.kill, "shutdown": sim.shutdown, "restart": sim.restart}
+        if action not in handlers:
+            return web.json_response({"error": f"unknown action {action!r}; use kill, shutdown or restart"}, status=404)
+        handlers[action](base_id)
+        return web.json_response(sim.bases[base_id].snapshot())
+
+    app.router.add_get("/bases", bases)
+    app.router.add_post("/bases/{id}/{action}", act)
+    return app
+
+
+def run(args: argparse.Namespace) -> int:
+    runtime.setup_logging(args.log_level, args.log_format)
+    if args.count < 1:
+        print("base-sim: --count must be at least 1", flush=True)
+        return 2
+    if not 0.0 <= args.fail_rate <= 1.0:
+        print("base-sim: --fail-rate is a probability between 0 and 1", flush=True)
+        return 2
+
+    async def main(stop: asyncio.Event) -> int:
+        sim = BaseSimulator(
+            broker_from_args(args),
+            env=args.env,
+            count=args.count,
+            name=args.name,
+            version=args.base_version,
+            cluster_name=args.cluster_name,
+            id_prefix=args.id_prefix,
+            install_delay=args.install_delay,
+            fail_rate=args.fail_rate,
+            fail_biz=frozenset(args.fail_biz),
+            heartbeat_interval=args.heartbeat_interval,
+            memory_mb=args.memory_mb,
+            cpus=args.cpus,
+            seed=args.seed,
+        )
+        runner = None
+        if args.status_port:
+            runner = web.AppRunner(make_app(sim), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", args.status_port).start()
+        starting = asyncio.ensure_future(sim.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            log.info("base-sim: %d bases up (%s...)", len(sim.bases), next(iter(sim.bases)))
+            await stopping
+        else:
+            starting.cancel()
+        await sim.stop(graceful=True)
+        if runner:
+            await runner.cleanup()
+        return 0
+
+    return runtime.run_until_stopped(main)

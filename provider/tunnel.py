@@ -1,0 +1,237 @@
+"""The MQTT connection, bridged into asyncio.
+
+paho-mqtt runs its network loop on its own thread; every callback is handed to the event loop with
+`call_soon_threadsafe`, so the rest of the process only ever sees the loop. MQTT 5 with a persistent
+session (clean_start=False + Session Expiry) lets the broker keep our subscriptions and queue QoS 1
+messages from bases while we reconnect; we still resubscribe on every connect, because a broker that
+lost the session (restart without persistence, expiry) says so only through session_present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+
+MQTT_CONNECTS = Counter("koupleless_mqtt_connects_total", "MQTT connection attempts by result", ["client", "result"])
+MQTT_RECEIVED = Counter("koupleless_mqtt_messages_received_total", "MQTT messages received", ["client"])
+MQTT_PUBLISHED = Counter("koupleless_mqtt_messages_published_total", "MQTT messages published", ["client"])
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    #: TLS when any of these is set; the server certificate is always verified.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls: bool = False
+    keepalive: int = 60
+
+    @classmethod
+    def parse(cls, address: str, **kwargs: Any) -> BrokerOptions:
+        """`HOST:PORT` (or `HOST`, port 1883; `[v6]:port` for IPv6)."""
+        host, port = address, 1883
+        if address.startswith("["):
+            host, _, rest = address[1:].partition("]")
+            if rest.startswith(":"):
+                port = int(rest[1:])
+        elif address.count(":") == 1:
+            host, _, p = address.partition(":")
+            port = int(p)
+        if not host:
+            raise ValueError(f"--mqtt-broker {address!r}: no host; write HOST:PORT, e.g. 127.0.0.1:1883")
+        return cls(host=host, port=port, **kwargs)
+
+
+class MqttTunnel:
+    """One MQTT client. `on_message(topic, payload)` runs on the event loop."""
+
+    def __init__(
+        self,
+        broker: BrokerOptions,
+        *,
+        client_id: str,
+        subscriptions: Sequence[tuple[str, int]],
+        on_message: MessageHandler,
+        persistent_session: bool = True,
+        session_expiry_s: int = 3600,
+        name: str = "provider",
+    ) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.name = name
+        self._subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._persistent = persistent_session
+        self._session_expiry = session_expiry_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.connected = asyncio.Event()
+        self.connect_count = 0
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        c = self._client
+        c.enable_logger(logging.getLogger(__name__ + ".paho"))
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=15)
+        if broker.username is not None:
+            c.username_pw_set(broker.username, broker.password)
+        if broker.tls or broker.ca_file or broker.cert_file:
+            c.tls_set(
+                ca_certs=broker.ca_file,
+                certfile=broker.cert_file,
+                keyfile=broker.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            c.tls_insecure_set(False)
+        c.on_connect = self._paho_connect
+        c.on_disconnect = self._paho_disconnect
+        c.on_message = self._paho_message
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting in the background; `connected` is set once the broker accepts us."""
+        self._loop = asyncio.get_running_loop()
+        props = Properties(PacketTypes.CONNECT)
+        if self._persistent:
+            props.SessionExpiryInterval = self._session_expiry
+        self._client.connect_async(
+            self.broker.host,
+            self.broker.port,
+            keepalive=self.broker.keepalive,
+            clean_start=not self._persistent,
+            properties=props,
+        )
+        self._client.loop_start()
+
+    async def stop(self) -> None:
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        self.connected.clear()
+
+    def add_subscription(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now and again on every reconnect."""
+        self._subscriptions.append((topic, qos))
+        if self._client.is_connected():
+            self._client.subscribe(topic, qos)
+
+    def remove_subscription(self, topic: str) -> None:
+        self._subscriptions = [(t, q) for t, q in self._subscriptions if t != topic]
+        if self._client.is_connected():
+            self._client.unsubscribe(topic)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Queue a message; paho sends it now or after the next connect. Thread-safe, never blocks."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        MQTT_PUBLISHED.labels(self.name).inc()
+        return info
+
+    async def flush(self, infos: list[mqtt.MQTTMessageInfo], timeout: float = 2.0) -> None:
+        """Wait (off the loop) until these messages reached the broker, or `timeout`."""
+
+        def wait() -> None:
+            for info in infos:
+                try:
+                    info.wait_for_publish(timeout)
+                except (RuntimeError, ValueError):
+                    return
+
+        if infos and self._client.is_connected():
+            await asyncio.to_thread(wait)
+
+    # --- paho thread -> loop -------------------------------------------------------------------------
+
+    def _paho_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            MQTT_CONNECTS.labels(self.name, "refused").inc()
+            log.error("MQTT broker %s:%s refused %s: %s", self.broker.host, self.broker.port, self.client_id, reason)
+            return
+        MQTT_CONNECTS.labels(self.name, "ok").inc()
+        # Always resubscribe: cheap, and the only safe answer when the broker lost our session.
+        subs = list(self._subscriptions)
+        for start in range(0, len(subs), 100):
+            client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in subs[start : start + 100]])
+        log.info(
+            "MQTT connected to %s:%s as %s (session present: %s, %d subscriptions)",
+            self.broker.host, self.broker.port, self.client_id, flags.session_present, len(subs),
+        )
+        self._to_loop(self._set_connected, True)
+
+    def _paho_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason is not None and getattr(reason, "is_failure", False):
+            log.warning("MQTT connection to %s:%s lost: %s; reconnecting", self.broker.host, self.broker.port, reason)
+        self._to_loop(self._set_connected, False)
+
+    def _paho_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        MQTT_RECEIVED.labels(self.name).inc()
+        self._to_loop(self._on_message, msg.topic, msg.payload)
+
+    def _set_connected(self, up: bool) -> None:
+        if up:
+            self.connect_count += 1
+            self.connected.set()
+        else:
+            self.connected.clear()
+
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closing during shutdown
+            pass
+
+
+def add_broker_arguments(parser: Any) -> None:
+    g = parser.add_argument_group("MQTT broker")
+    g.add_argument("--mqtt-broker", required=True, metavar="HOST:PORT", help="MQTT broker address, e.g. 127.0.0.1:1883")
+    g.add_argument("--mqtt-username", default=None, help="broker user name")
+    g.add_argument(
+        "--mqtt-password-file", default=None, metavar="FILE",
+        help="file holding the broker password (or set MQTT_PASSWORD in the environment)",
+    )
+    g.add_argument("--mqtt-tls", action="store_true", help="connect with TLS, verifying the broker's certificate")
+    g.add_argument("--mqtt-ca", default=None, metavar="FILE", help="CA bundle that signed the broker's certificate (implies TLS)")
+    g.add_argument("--mqtt-cert", default=None, metavar="FILE", help="client certificate for mutual TLS")
+    g.add_argument("--mqtt-key", default=None, metavar="FILE", help="client key for mutual TLS")
+
+
+def broker_from_args(args: Any) -> BrokerOptions:
+    import os
+
+    password = os.environ.get("MQTT_PASSWORD")
+    if args.mqtt_password_file:
+        with open(args.mqtt_password_file, encoding="utf-8") as f:
+            password = f.read().strip()
+    return BrokerOptions.parse(
+        args.mqtt_broker,
+        username=args.mqtt_username,
+        password=password,
+        ca_file=args.mqtt_ca,
+        cert_file=args.mqtt_cert,
+        key_file=args.mqtt_key,
+        tls=args.mqtt_tls,
+    )
