@@ -148,13 +148,13 @@ class MqttTunnel:
         MQTT_PUBLISHED.labels(self.name).inc()
         return info
 
-    async def flush(self, infos: list[mqtt.MQTTMessageInfo], timeout: float = 2.0) -> None:
-        """Wait (off the loop) until these messages reached the broker, or `timeout`."""
+    async def flush(self, infos: list[mqtt.MQTTMessageInfo], wait_s: float = 2.0) -> None:
+        """Wait (off the loop) until these messages reached the broker, or `wait_s`."""
 
         def wait() -> None:
             for info in infos:
                 try:
-                    info.wait_for_publish(timeout)
+                    info.wait_for_publish(wait_s)
                 except (RuntimeError, ValueError):
                     return
 
