@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -51,6 +52,9 @@ class Broker:
             "log_type warning",
             "log_type notice",
             "max_queued_messages 100000",
+            # Stay the user that started us: dropping privileges would clear the parent-death signal
+            # that stops the broker when its parent is killed.
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
         ]
         if self.users:
             passwd = self.workdir / "passwd"

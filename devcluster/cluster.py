@@ -113,8 +113,15 @@ class ControlPlane:
 
     # --- kube-scheduler -----------------------------------------------------------------------
 
-    def start_scheduler(self, extenders: list[dict[str, Any]] | None = None, **profile_extra: Any) -> None:
-        """(Re)start kube-scheduler; `extenders` become the config's `extenders` list."""
+    def start_scheduler(
+        self,
+        extenders: list[dict[str, Any]] | None = None,
+        *,
+        extra_profiles: list[dict[str, Any]] | None = None,
+        **profile_extra: Any,
+    ) -> None:
+        """(Re)start kube-scheduler; `extenders` become the config's `extenders` list and
+        `extra_profiles` follow the default-scheduler profile (e.g. the module scheduler's)."""
         if "kube-scheduler" in self.processes:
             self.processes.pop("kube-scheduler").stop()
         self._scheduler_generation += 1
@@ -123,7 +130,7 @@ class ControlPlane:
             "kind": "KubeSchedulerConfiguration",
             "clientConnection": {"kubeconfig": str(self.kubeconfig), "qps": 200, "burst": 400},
             "leaderElection": {"leaderElect": False},
-            "profiles": [{"schedulerName": "default-scheduler", **profile_extra}],
+            "profiles": [{"schedulerName": "default-scheduler", **profile_extra}, *(extra_profiles or [])],
         }
         if extenders:
             config["extenders"] = extenders

@@ -16,10 +16,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    # If the test run or `dev` is killed outright (SIGKILL, crash), the kernel sends SIGTERM to the
-    # children, so no control-plane process is left behind.
+    # If the test run or `dev` is killed outright (SIGKILL, crash), the kernel kills the children,
+    # so no control-plane process is left behind. SIGKILL, not SIGTERM: a kube-apiserver whose etcd
+    # is being stopped at the same moment can hang in its graceful shutdown.
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
