@@ -360,7 +360,7 @@ def _unsupported_problems(spec: Mapping[str, Any]) -> list[Problem]:
             Problem(
                 "spec.initContainers",
                 "a base cannot run init containers",
-                "remove initContainers; put each module in spec.containers",
+                "remove initContainers and put each module in spec.containers",
             )
         )
     if spec.get("ephemeralContainers"):

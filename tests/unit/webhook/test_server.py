@@ -1,0 +1,85 @@
+"""The HTTP face of the webhook: /mutate answers, bad bodies get 400, and the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from tests.unit.webhook.samples import review, seed_pod, stripped
+from webhook.defaults import Defaults
+from webhook.server import MAX_BODY_BYTES, create_app
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[TestClient]:
+    app = create_app(Defaults(), registry=CollectorRegistry())
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def metric(client: TestClient, line_prefix: str) -> float:
+    text = await (await client.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_prefix} not in /metrics")
+
+
+async def test_mutate_answers_with_a_patch(client: TestClient) -> None:
+    resp = await client.post("/mutate", data=orjson.dumps(review(stripped(seed_pod()), uid="abc")))
+    assert resp.status == 200
+    assert resp.content_type == "application/json"
+    out = orjson.loads(await resp.read())
+    assert out["apiVersion"] == "admission.k8s.io/v1"
+    assert out["kind"] == "AdmissionReview"
+    assert out["response"]["uid"] == "abc"
+    assert out["response"]["allowed"] is True
+    assert out["response"]["patchType"] == "JSONPatch"
+    assert isinstance(orjson.loads(base64.b64decode(out["response"]["patch"])), list)
+    assert await metric(client, 'koupleless_webhook_admissions_total{result="patched"}') == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "body: is not JSON"),
+        (b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}', "request: is missing"),
+        (b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}', "request.uid:"),
+    ],
+)
+async def test_malformed_body_gets_400_with_a_reason_and_serving_goes_on(
+    client: TestClient, body: bytes, reason: str
+) -> None:
+    resp = await client.post("/mutate", data=body)
+    assert resp.status == 400
+    assert (await resp.text()).startswith(reason)
+    assert await metric(client, 'koupleless_webhook_admissions_total{result="error"}') == 1
+    again = await client.post("/mutate", data=orjson.dumps(review(seed_pod())))
+    assert again.status == 200
+    assert orjson.loads(await again.read())["response"]["allowed"] is True
+
+
+async def test_denials_are_counted(client: TestClient) -> None:
+    pod = seed_pod()
+    pod["spec"]["containers"][0]["image"] = "nginx"
+    resp = await client.post("/mutate", data=orjson.dumps(review(pod)))
+    assert orjson.loads(await resp.read())["response"]["allowed"] is False
+    assert await metric(client, 'koupleless_webhook_admissions_total{result="denied"}') == 1
+    assert await metric(client, "koupleless_webhook_admission_duration_seconds_count") == 1
+
+
+async def test_oversized_body_is_refused(client: TestClient) -> None:
+    resp = await client.post("/mutate", data=b" " * (MAX_BODY_BYTES + 1))
+    assert resp.status == 413
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_health_routes(client: TestClient) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200
+    assert (await client.get("/mutate")).status == 405

@@ -1,0 +1,150 @@
+"""AdmissionReview in, decision out: parse the request, decide, build the response document.
+
+Pure functions over plain dicts, so the HTTP layer stays thin and every rule is testable without a
+server. Reference: k8s-protocols.md §3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from koupleless import model
+from webhook.defaults import Defaults, default_ops
+from webhook.patch import Op, encode
+
+API_VERSION = "admission.k8s.io/v1"
+KIND = "AdmissionReview"
+#: Separates problems in a rejection: the message becomes one line of a ReplicaSet event, where a
+#: newline would break `kubectl describe`'s table.
+PROBLEM_SEPARATOR = "; "
+
+Result = Literal["allowed", "patched", "denied", "error"]
+
+
+class BadReview(ValueError):
+    """A request body that is not an AdmissionReview we can answer: no uid to echo."""
+
+    def __init__(self, field: str, what: str, fix: str) -> None:
+        super().__init__(f"{field}: {what} — {fix}")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    uid: str
+    request: Mapping[str, Any]
+
+    @property
+    def operation(self) -> Any:
+        return self.request.get("operation")
+
+
+@dataclass(slots=True)
+class Decision:
+    result: Result
+    ops: list[Op] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    message: str = ""
+    code: int = 200
+
+
+def parse_review(doc: Any) -> Review:
+    """The request part of an AdmissionReview, or BadReview naming the first field that is wrong."""
+    if not isinstance(doc, dict):
+        raise BadReview("body", "is not a JSON object", f"send an {API_VERSION} {KIND} object")
+    if doc.get("apiVersion") != API_VERSION:
+        raise BadReview(
+            "apiVersion",
+            f"{doc.get('apiVersion')!r} is not supported",
+            f"send {API_VERSION} (set admissionReviewVersions: [v1] in the webhook configuration)",
+        )
+    if doc.get("kind") != KIND:
+        raise BadReview("kind", f"{doc.get('kind')!r} is not {KIND}", f"send kind: {KIND}")
+    request = doc.get("request")
+    if not isinstance(request, dict):
+        raise BadReview("request", "is missing or not an object", "send the AdmissionRequest in request")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise BadReview(
+            "request.uid", "is missing or not a string", "send the request's uid, echoed in the answer"
+        )
+    return Review(uid, request)
+
+
+def response_document(uid: str, decision: Decision) -> dict[str, Any]:
+    response: dict[str, Any] = {"uid": uid, "allowed": decision.result in ("allowed", "patched")}
+    if decision.ops:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = encode(decision.ops)
+    if decision.warnings:
+        response["warnings"] = decision.warnings
+    if not response["allowed"]:
+        response["status"] = {
+            "status": "Failure",
+            "code": decision.code,
+            "reason": "Forbidden" if decision.code == 403 else "BadRequest",
+            "message": decision.message,
+        }
+    return {"apiVersion": API_VERSION, "kind": KIND, "response": response}
+
+
+def decide(review: Review, defaults: Defaults) -> Decision:
+    request = review.request
+    operation = review.operation
+    if operation not in ("CREATE", "UPDATE") or request.get("subResource") or not _is_pod(request):
+        return Decision("allowed")
+    pod = request.get("object")
+    if not isinstance(pod, dict):
+        return _error(
+            "request.object", "is not a Pod object", "send the Pod being admitted in request.object"
+        )
+    if not model.is_module_pod(pod):
+        return Decision("allowed")
+    problems = model.validate_pod(pod, stack_defaulted=True)
+    if operation == "CREATE":
+        errors = model.errors(problems)
+        if errors:
+            return _deny(errors)
+        return _allow(default_ops(pod, defaults), model.warnings(problems))
+    return _decide_update(pod, request.get("oldObject"), problems)
+
+
+def _decide_update(pod: Mapping[str, Any], old: Any, problems: list[model.Problem]) -> Decision:
+    """Container resources, env and affinity are immutable after CREATE, so an UPDATE gets no
+    defaults; it is judged only on what it changes, so a Pod stored before the webhook existed (or
+    one being deleted) can still have its finalizers and annotations edited."""
+    metadata = pod.get("metadata")
+    if isinstance(metadata, dict) and metadata.get("deletionTimestamp"):
+        return Decision("allowed")
+    before = (
+        {str(p) for p in model.validate_pod(old, stack_defaulted=True)} if isinstance(old, dict) else set()
+    )
+    if isinstance(old, dict) and not model.is_module_pod(old):
+        before = set()
+    new = [p for p in problems if str(p) not in before]
+    errors = model.errors(new)
+    if errors:
+        return _deny(errors)
+    return _allow([], model.warnings(new))
+
+
+def _is_pod(request: Mapping[str, Any]) -> bool:
+    kind = request.get("kind")
+    if isinstance(kind, dict):
+        return kind.get("kind") == "Pod" and not kind.get("group")
+    resource = request.get("resource")
+    return isinstance(resource, dict) and resource.get("resource") == "pods" and not resource.get("group")
+
+
+def _allow(ops: list[Op], warnings: list[model.Problem]) -> Decision:
+    return Decision("patched" if ops else "allowed", ops=ops, warnings=[str(w) for w in warnings])
+
+
+def _deny(errors: list[model.Problem]) -> Decision:
+    return Decision("denied", message=PROBLEM_SEPARATOR.join(str(e) for e in errors), code=403)
+
+
+def _error(field: str, what: str, fix: str) -> Decision:
+    return Decision("error", message=f"{field}: {what} — {fix}", code=400)
