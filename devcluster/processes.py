@@ -61,7 +61,7 @@ class ManagedProcess:
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
                 self.args,

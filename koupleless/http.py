@@ -15,7 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 log = logging.getLogger(__name__)
 
-READY_CHECK = web.AppKey("ready_check", Callable[[], bool])
+ReadyCheck = Callable[[], bool]
+READY_CHECK: web.AppKey[ReadyCheck] = web.AppKey("ready_check")
 
 
 def add_health_routes(

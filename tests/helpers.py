@@ -19,7 +19,7 @@ def wait_until(check: Callable[[], T | None], timeout: float = 60, interval: flo
             result = check()
             if result:
                 return result
-        except Exception as exc:  # noqa: BLE001 - keep polling; reported on timeout
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_exc!r})" if last_exc else ""
@@ -37,7 +37,7 @@ async def async_wait_until(
             result = await check()
             if result:
                 return result
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_exc!r})" if last_exc else ""

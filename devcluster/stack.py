@@ -1,0 +1,231 @@
+"""The whole system on one machine: control plane, broker, webhook, extender, provider and simulated
+bases, each a real process wired to the others exactly as in a cluster. Used by `module-controller dev`
+and by the end-to-end test of that command."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from certs import pki
+from devcluster.broker import Broker
+from devcluster.cluster import ControlPlane
+from devcluster.processes import ManagedProcess, StartError, free_port
+
+SAMPLE_DEPLOYMENT = Path(__file__).resolve().parent.parent / "manifests" / "samples" / "module-deployment.yaml"
+SAMPLE_NAME = "test-module-deployment"
+
+
+@dataclass
+class StackOptions:
+    bases: int = 3
+    env: str = "dev"
+    base_name: str = "base"
+    base_version: str = "1.1.1"
+    max_modules: int = 10
+    apply_sample: bool = True
+    workdir: Path | None = None
+
+
+@dataclass
+class DevStack:
+    options: StackOptions = field(default_factory=StackOptions)
+    progress: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    def __post_init__(self) -> None:
+        self.workdir = self.options.workdir or Path(tempfile.mkdtemp(prefix="koupleless-dev-"))
+        self.plane = ControlPlane(workdir=self.workdir / "cluster", keep_workdir=True)
+        self.broker = Broker(workdir=self.workdir / "broker")
+        self.components: dict[str, ManagedProcess] = {}
+        self.base_sim_port = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> DevStack:
+        try:
+            self.progress("[1/8] control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler")
+            self.plane.start()
+            self.progress("[2/8] mosquitto MQTT broker")
+            self.broker.start()
+            self.progress("[3/8] webhook (validates and defaults module Pods)")
+            self._start_webhook()
+            self.progress("[4/8] scheduler extender, registered with kube-scheduler")
+            self._start_extender()
+            self.progress("[5/8] provider (bases become virtual Nodes)")
+            self._start_provider()
+            self.progress(f"[6/8] {self.options.bases} simulated bases {self.options.base_name} "
+                          f"{self.options.base_version}")
+            self._start_bases()
+            self._wait_nodes_ready()
+            if self.options.apply_sample:
+                self.progress("[7/8] the seed's sample Deployment (manifests/samples/module-deployment.yaml)")
+                self.plane.kubectl("apply", "-f", str(SAMPLE_DEPLOYMENT))
+                self.progress("[8/8] waiting for the module to be Running")
+                self.wait_sample_running()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for name in reversed(list(self.components)):
+            self.components[name].stop()
+        self.components.clear()
+        self.broker.stop()
+        self.plane.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- components ---------------------------------------------------------------------------
+
+    def _cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "koupleless.cli", *args]
+
+    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
+        proc = ManagedProcess(name, args, self.workdir / "logs" / f"{name}.log").start()
+        self.components[name] = proc
+        return proc
+
+    def _start_webhook(self) -> None:
+        from webhook.registration import webhook_configuration
+
+        d = self.workdir / "webhook-certs"
+        ca = pki.new_ca("koupleless-dev-webhook-ca", days=30)
+        ca.write(d / "ca.crt", d / "ca.key")
+        pki.issue(ca, "module-controller-webhook", dns_names=["localhost"], ips=["127.0.0.1"], days=30).write(
+            d / "tls.crt", d / "tls.key"
+        )
+        port = free_port()
+        proc = self._spawn(
+            "webhook",
+            self._cli("webhook", "--host", "127.0.0.1", "--port", str(port), "--tls-cert-file", str(d / "tls.crt"),
+                      "--tls-private-key-file", str(d / "tls.key"), "--env", self.options.env),
+        )
+        proc.wait_ready(lambda: _https_ok(f"https://127.0.0.1:{port}/readyz", d / "ca.crt"), timeout=30)
+        config = webhook_configuration(f"https://127.0.0.1:{port}/mutate", ca.cert_pem)
+        self.plane.kubectl("apply", "-f", "-", input=json.dumps(config))
+
+    def _start_extender(self) -> None:
+        from extender.config import extender_entry
+
+        port = free_port()
+        proc = self._spawn(
+            "extender",
+            self._cli("extender", "--host", "127.0.0.1", "--port", str(port), "--kubeconfig",
+                      str(self.plane.kubeconfig)),
+        )
+        proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=30)
+        self.plane.start_scheduler(extenders=[extender_entry(f"http://127.0.0.1:{port}")])
+
+    def _start_provider(self) -> None:
+        port = free_port()
+        proc = self._spawn(
+            "provider",
+            self._cli("provider", "--kubeconfig", str(self.plane.kubeconfig), "--mqtt-broker", self.broker.address,
+                      "--env", self.options.env, "--max-modules", str(self.options.max_modules),
+                      "--health-port", str(port)),
+        )
+        proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=30)
+
+    def _start_bases(self) -> None:
+        self.base_sim_port = free_port()
+        o = self.options
+        proc = self._spawn(
+            "base-sim",
+            self._cli("base-sim", "--mqtt-broker", self.broker.address, "--env", o.env, "--count", str(o.bases),
+                      "--name", o.base_name, "--version", o.base_version, "--status-port", str(self.base_sim_port)),
+        )
+        proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{self.base_sim_port}/readyz"), timeout=30)
+
+    def _wait_nodes_ready(self, timeout: float = 90) -> None:
+        self.poll(lambda: len(self.ready_vnodes()) >= self.options.bases or None, timeout,
+                  f"{self.options.bases} virtual Nodes Ready", component="provider")
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def ready_vnodes(self) -> list[dict[str, Any]]:
+        nodes = orjson.loads(self.plane.kubectl(
+            "get", "nodes", "-l", "virtual-kubelet.koupleless.io/component=vnode", "-o", "json").stdout)["items"]
+        return [n for n in nodes if any(c["type"] == "Ready" and c["status"] == "True"
+                                        for c in n.get("status", {}).get("conditions", []))]
+
+    def sample_pods(self) -> list[dict[str, Any]]:
+        out = self.plane.kubectl("get", "pods", "-n", "default", "-l", "app=test-module-deployment-non-peer",
+                                 "-o", "json").stdout
+        return list(orjson.loads(out)["items"])
+
+    def wait_sample_running(self, timeout: float = 90) -> dict[str, Any]:
+        def running() -> dict[str, Any] | None:
+            return next((p for p in self.sample_pods() if p.get("status", {}).get("phase") == "Running"
+                         and any(c["type"] == "Ready" and c["status"] == "True"
+                                 for c in p["status"].get("conditions", []))), None)
+
+        pod: dict[str, Any] = self.poll(running, timeout, "the sample module Running", component="provider")
+        return pod
+
+    def poll(self, check: Callable[[], Any], timeout: float, what: str, component: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.components.items():
+                if not proc.running():
+                    raise StartError(name, f"exited while waiting for {what}", proc.log_path)
+            with contextlib.suppress(Exception):
+                result = check()
+                if result:
+                    return result
+            time.sleep(0.5)
+        waited_on = self.components.get(component)
+        raise StartError(component, f"timed out after {timeout:.0f}s waiting for {what}",
+                         waited_on.log_path if waited_on else None)
+
+    def usage(self, pod: dict[str, Any]) -> str:
+        """What `dev` prints once the module runs: real values in the seed's commands."""
+        kubeconfig = self.plane.kubeconfig
+        node = pod["spec"]["nodeName"]
+        ip = pod["status"].get("podIP", "")
+        base_id = node.removeprefix("virtual-node-")
+        return "\n".join([
+            "",
+            "The sample module is Running. In another shell:",
+            "",
+            f"  export KUBECONFIG={kubeconfig}",
+            "",
+            "  # the module's Deployment and Pods",
+            "  kubectl get deployment test-module-deployment",
+            "  kubectl get pods -o wide",
+            "",
+            "  # Checking Module Status (seed): the modules on one base, by its IP or by its node name",
+            f"  kubectl get pod -n default --field-selector status.podIP={ip}",
+            f"  kubectl get pod -n default --field-selector spec.nodeName=virtual-node-{base_id}",
+            "",
+            "  # scale, replace, roll back, take offline",
+            "  kubectl scale deployments/test-module-deployment --namespace=default --replicas=3",
+            "  kubectl rollout history deployment test-module-deployment",
+            "  kubectl delete deployment test-module-deployment --namespace default",
+            "",
+            f"  {sys.executable} -m koupleless.cli status --kubeconfig {kubeconfig}",
+            "",
+            f"Logs: {self.workdir / 'logs'}   Stop: Ctrl-C (stops everything this command started).",
+        ])
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return bool(resp.status == 200)
+
+
+def _https_ok(url: str, ca_file: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
+        return bool(resp.status == 200)
