@@ -208,6 +208,9 @@ def backoff_delay(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
 class KubeClient:
     """Talks to one API server. Create it inside the event loop that uses it; `close()` when done."""
 
+    #: How often a bearer-token file is checked for a rotated token.
+    token_recheck_seconds = 5.0
+
     def __init__(
         self,
         config: KubeConfig,
@@ -272,7 +275,7 @@ class KubeClient:
         """Projected service-account tokens rotate under a running process; pick up the new one
         (checked at most every few seconds)."""
         now = time.monotonic()
-        if not self.config.token_file or now - self._token_checked < 5.0:
+        if not self.config.token_file or now - self._token_checked < self.token_recheck_seconds:
             return
         self._token_checked = now
         stamp = self._stat_token_file()

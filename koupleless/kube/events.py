@@ -117,11 +117,13 @@ class EventRecorder:
         host: str | None = None,
         *,
         aggregate_window: float = 600.0,
+        retry_backoff: float = 0.5,
     ) -> None:
         self.client = client
         self.component = component
         self.host = host if host is not None else os.environ.get("NODE_NAME") or socket.gethostname()
         self.aggregate_window = aggregate_window
+        self.retry_backoff = retry_backoff
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -304,7 +306,7 @@ class EventRecorder:
                 attempt += 1
                 if not transient or attempt >= WRITE_ATTEMPTS:
                     raise
-                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10.0))
+                await asyncio.sleep(backoff_delay(attempt, base=self.retry_backoff, cap=10.0))
 
     def _failed(self, p: _Pending, exc: ApiError) -> None:
         metrics.EVENTS_RECORDED.labels(self.component, "failed").inc()

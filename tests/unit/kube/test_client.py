@@ -266,3 +266,23 @@ async def test_unknown_patch_type_is_refused() -> None:
     async with KubeClient(config) as client:
         with pytest.raises(ValueError, match="use one of merge, strategic, json, apply"):
             await client.patch(pod_path("ns", "p"), {}, "bogus")  # type: ignore[arg-type]
+
+
+async def test_rotated_token_file_is_picked_up(serve: Any, tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    async def nodes(request: web.Request) -> web.Response:
+        seen.append(request.headers["Authorization"])
+        return web.json_response({"kind": "NodeList", "metadata": {}, "items": []})
+
+    token = tmp_path / "token"
+    token.write_text("first")
+    local = await serve({"GET /api/v1/nodes": nodes})
+    config = KubeConfig(server=local.config.server, ssl_context=local.config.ssl_context,
+                        headers={"Authorization": "Bearer first"}, token_file=str(token))
+    async with KubeClient(config, qps=None) as client:
+        client.token_recheck_seconds = 0.0
+        await client.get(node_path())
+        token.write_text("second-token")  # projected tokens are replaced in place by the kubelet
+        await client.get(node_path())
+    assert seen == ["Bearer first", "Bearer second-token"]
