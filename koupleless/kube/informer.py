@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -30,6 +31,8 @@ ObjList = list[Obj]
 #: Watches are asked to end after 5-10 minutes (randomised like client-go) so connections through
 #: proxies and load balancers are refreshed; that end is normal and needs no backoff.
 MIN_WATCH_SECONDS = 300
+#: A watch that ends normally faster than this without a single event counts as a failure.
+SHORT_WATCH_SECONDS = 1.0
 
 
 class ListWatchClient(Protocol):
@@ -157,6 +160,7 @@ class Informer:
         self.resource_version = ""
         self._handlers: list[_Handlers] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._events_applied = 0
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -261,6 +265,7 @@ class Informer:
             raise WatchDecodeError(f"watch {self.path}: {kind} event without an object")
         rv = _rv(obj)
         metrics.INFORMER_EVENTS.labels(self.name, str(kind)).inc()
+        self._events_applied += 1
         if kind == "BOOKMARK":
             if rv:
                 self.resource_version = rv
@@ -343,9 +348,10 @@ class Informer:
         log.info("informer %s synced: %d objects at resourceVersion %s", self.name, len(self), self.resource_version)
         failures = 0
         while True:
+            started = time.monotonic()
+            events_before = self._events_applied
             try:
                 outcome = await self._watch_once()
-                failures = 0
             except ApiError as exc:
                 if not exc.gone:
                     if exc.status in (401, 403):
@@ -360,8 +366,14 @@ class Informer:
                 metrics.INFORMER_RELISTS_410.labels(self.name).inc()
                 log.info("informer %s: resourceVersion %s expired (410), relisting", self.name, self.resource_version)
                 await self._list_until_done()
+                failures = 0
+            elif self._events_applied == events_before and time.monotonic() - started < SHORT_WATCH_SECONDS:
+                # Ended at once with nothing in it: something between us and the apiserver is
+                # closing watches. Back off instead of reconnecting in a tight loop.
+                failures = await self._backoff(failures, ConnectionError("watch ended at once with no events"))
             else:
                 metrics.INFORMER_WATCH_RESTARTS.labels(self.name, "timeout").inc()
+                failures = 0
 
     async def _backoff(self, failures: int, exc: Exception) -> int:
         metrics.INFORMER_WATCH_RESTARTS.labels(self.name, "error").inc()

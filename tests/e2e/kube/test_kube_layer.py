@@ -126,8 +126,8 @@ async def test_relist_emits_synthetic_delete_for_objects_deleted_behind_its_back
 async def test_no_change_is_lost_across_watch_reconnects(
     control_plane: ControlPlane, namespace: str, client: KubeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Watches the server ends every second or two: every change must still arrive exactly once.
-    monkeypatch.setattr(informer_module, "MIN_WATCH_SECONDS", 1)
+    # Watches the server ends every 2-3 seconds: every change must still arrive exactly once.
+    monkeypatch.setattr(informer_module, "MIN_WATCH_SECONDS", 2)
     inf = Informer(client, resource_path("v1", "configmaps", namespace), label_selector="batch=reconnect")
     calls = Calls()
     inf.add_handler(calls.add, calls.update, calls.delete)

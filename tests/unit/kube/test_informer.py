@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from koupleless.kube.client import ApiError
 from koupleless.kube.informer import Informer, object_key
@@ -270,3 +271,13 @@ async def test_selectors_are_sent_to_list_and_watch() -> None:
     assert seen == [{"labelSelector": "app=web", "fieldSelector": "spec.nodeName=vn"}]
     assert api.watch_params[0]["labelSelector"] == "app=web"
     assert api.watch_params[0]["fieldSelector"] == "spec.nodeName=vn"
+
+
+async def test_watches_that_end_at_once_back_off_instead_of_spinning() -> None:
+    api = ScriptedApi([POD_LIST], [[], [], POD_WATCH[:1]])
+    inf, _ = informer_with_recorder(api)
+    labels = {"informer": inf.name, "reason": "error"}
+    before = REGISTRY.get_sample_value("koupleless_informer_watch_restarts_total", labels) or 0
+    await run_until_exhausted(inf, api)
+    assert REGISTRY.get_sample_value("koupleless_informer_watch_restarts_total", labels) == before + 2
+    assert inf.get("rec/web-1")["metadata"]["labels"]["tier"] == "front"  # and it still caught up
