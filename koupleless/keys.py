@@ -57,6 +57,8 @@ TAINT_UNREACHABLE: Final = "node.kubernetes.io/unreachable"
 ANNOTATION_PREFIX: Final = "module-controller.koupleless.io/"
 #: On a Pod: the module versions the provider last asked the base to install, JSON.
 ANNOTATION_INSTALLED: Final = ANNOTATION_PREFIX + "installed"
+#: On a virtual Node: the base's own ID (the Node name is a sanitised form of it).
+ANNOTATION_BASE_ID: Final = ANNOTATION_PREFIX + "base-id"
 
 # --- MQTT (arklet protocol, reference §2) --------------------------------------------------------
 

@@ -1,0 +1,122 @@
+"""What the provider knows about each base and each module Pod, in memory.
+
+Everything here can be rebuilt: bases from their next heartbeat and queryAllBiz, Pods from their
+status (containerID `arklet://<bizName>:<bizVersion>` records what was installed), so a restarted
+provider picks up where the last one stopped without reinstalling anything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from koupleless import arklet, keys
+from koupleless.model import Module
+
+CONTAINER_ID_SCHEME = "arklet://"
+
+
+@dataclass
+class BizRecord:
+    """A module as the base last reported it, and the base's timestamp of that report."""
+
+    name: str
+    version: str
+    state: str
+    ts: int
+    change_time_ms: int | None = None
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass
+class BaseState:
+    base_id: str
+    node_name: str
+    heartbeat: arklet.Heartbeat | None = None
+    last_heard: float = field(default_factory=time.monotonic)
+    #: The base's own timestamp of the newest message per topic kind: older ones are replays.
+    last_ts: dict[str, int] = field(default_factory=dict)
+    #: Newest (timestamp, command) that decided each biz key's state.
+    biz_ts: dict[str, tuple[int, str]] = field(default_factory=dict)
+    bizs: dict[str, BizRecord] = field(default_factory=dict)
+    #: A full module list arrived since the base was (re)discovered.
+    inventory_known: bool = False
+    inventory_requested_at: float = 0.0
+    health: arklet.HealthReport | None = None
+    ready: bool = False
+    not_ready_reason: str = "BaseStarting"
+    not_ready_message: str = "waiting for the first heartbeat"
+    #: This replica holds the base's Lease: only the holder acts on its Node and Pods.
+    owned: bool = False
+    lease_rv: str = ""
+    node_uid: str = ""
+    orphans_reported: set[str] = field(default_factory=set)
+    #: (command, biz key) -> Pod key waiting for that reply.
+    pending: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    @property
+    def ip(self) -> str:
+        return self.heartbeat.local_ip if self.heartbeat and self.heartbeat.local_ip else ""
+
+
+@dataclass
+class PendingOp:
+    command: str
+    module: Module
+    sent_at: float
+
+
+@dataclass
+class PodRecord:
+    uid: str
+    #: container name -> the module this provider (or a previous one) installed for it.
+    installed: dict[str, Module] = field(default_factory=dict)
+    #: container name -> command in flight.
+    pending: dict[str, PendingOp] = field(default_factory=dict)
+    #: container name -> (biz key that failed, the base's message).
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    #: container name -> epoch seconds the module was last seen ACTIVATED after an install.
+    started: dict[str, str] = field(default_factory=dict)
+    start_time: str = ""
+    events_sent: set[str] = field(default_factory=set)
+    node_name: str = ""
+    #: The status this provider last wrote, so a stale cache does not cause the same write twice.
+    last_written: dict[str, Any] | None = None
+
+    @classmethod
+    def from_pod(cls, pod: dict[str, Any]) -> PodRecord:
+        meta = pod.get("metadata") or {}
+        status = pod.get("status") or {}
+        rec = cls(uid=str(meta.get("uid", "")), start_time=str(status.get("startTime") or ""))
+        for cs in status.get("containerStatuses") or []:
+            if not isinstance(cs, dict):
+                continue
+            name = cs.get("name")
+            cid = cs.get("containerID") or ""
+            if not isinstance(name, str) or not isinstance(cid, str):
+                continue
+            rec.restarts[name] = int(cs.get("restartCount") or 0)
+            if cid.startswith(CONTAINER_ID_SCHEME):
+                biz_name, _, version = cid[len(CONTAINER_ID_SCHEME) :].partition(":")
+                rec.installed[name] = Module(biz_name, version, str(cs.get("image") or ""))
+                running = (cs.get("state") or {}).get("running") or {}
+                if running.get("startedAt"):
+                    rec.started[name] = running["startedAt"]
+        return rec
+
+
+def container_id(module: Module) -> str:
+    return f"{CONTAINER_ID_SCHEME}{module.biz_name}:{module.biz_version}"
+
+
+def node_base_id(node: dict[str, Any]) -> str | None:
+    meta = node.get("metadata") or {}
+    value = (meta.get("annotations") or {}).get(keys.ANNOTATION_BASE_ID)
+    return value if isinstance(value, str) and value else None

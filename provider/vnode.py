@@ -1,0 +1,206 @@
+"""The virtual Node of a base: its object, its status and its Lease (DESIGN.md §2, reference §4.1)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+from koupleless import keys
+from provider.state import BaseState
+
+LEASE_NAMESPACE = "kube-node-lease"
+LEASE_DURATION_S = 40
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    env: str = keys.DEFAULT_ENV
+    max_pods: int = 110
+    max_modules: int = 10
+    env_taint: bool = False
+    stack: str = keys.DEFAULT_BASE_STACK
+    default_memory: str = "4Gi"
+    default_cpu: str = "4"
+
+
+def node_labels(base: BaseState, opts: NodeOptions) -> dict[str, str]:
+    hb = base.heartbeat
+    meta = hb.metadata if hb else None
+    labels = {
+        keys.LABEL_BASE_STACK: opts.stack,
+        keys.LABEL_BASE_NAME: meta.name if meta else "",
+        keys.LABEL_BASE_VERSION: meta.version if meta else "",
+        keys.LABEL_BASE_CLUSTER_NAME: meta.cluster_name if meta else "",
+        keys.LABEL_COMPONENT_LEGACY: keys.COMPONENT_VNODE,
+        keys.LABEL_VNODE_ENV: opts.env,
+        keys.LABEL_HOSTNAME: base.node_name,
+        keys.LABEL_TYPE: keys.TYPE_VIRTUAL_KUBELET,
+    }
+    return {k: _label_value(v) for k, v in labels.items()}
+
+
+def _label_value(value: str) -> str:
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in value)[:63]
+    return cleaned.strip("-_.")
+
+
+def node_taints(opts: NodeOptions) -> list[dict[str, str]]:
+    taints = [{"key": keys.TAINT_VIRTUAL_NODE, "value": keys.TAINT_VIRTUAL_NODE_VALUE, "effect": keys.EFFECT_NO_EXECUTE}]
+    if opts.env_taint:
+        taints.append({"key": keys.TAINT_NODE_ENV, "value": opts.env, "effect": keys.EFFECT_NO_EXECUTE})
+    return taints
+
+
+def node_capacity(base: BaseState, opts: NodeOptions) -> dict[str, str]:
+    health = base.health
+    memory = binary_quantity(health.memory_bytes) if health and health.memory_bytes else opts.default_memory
+    cpu = str(health.cpu_count) if health and health.cpu_count else opts.default_cpu
+    return {
+        "pods": str(opts.max_pods),
+        keys.RESOURCE_MODULE: str(opts.max_modules),
+        "memory": memory,
+        "cpu": cpu,
+    }
+
+
+def binary_quantity(n: int) -> str:
+    """Bytes in the canonical form the API server stores (4096Mi comes back as 4Gi), so comparing
+    what we want with what is stored does not see a change that is not one."""
+    for suffix, power in (("Ei", 60), ("Pi", 50), ("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if n % (1 << power) == 0:
+            return f"{n >> power}{suffix}"
+    return str(n)
+
+
+def node_conditions(base: BaseState, old: dict[str, Any] | None, now: str) -> list[dict[str, Any]]:
+    before = {c.get("type"): c for c in ((old or {}).get("conditions") or []) if isinstance(c, dict)}
+    if base.ready:
+        ready = ("True", "BaseReady", f"base {base.base_id} is sending heartbeats")
+    else:
+        ready = ("False", base.not_ready_reason, base.not_ready_message)
+    wanted = [
+        ("Ready", *ready),
+        ("MemoryPressure", "False", "BaseHasSufficientMemory", "base has sufficient memory available"),
+        ("DiskPressure", "False", "BaseHasNoDiskPressure", "base has no disk pressure"),
+        ("PIDPressure", "False", "BaseHasSufficientPID", "base has sufficient PID available"),
+    ]
+    out = []
+    for ctype, status, reason, message in wanted:
+        prev = before.get(ctype) or {}
+        changed = prev.get("status") != status
+        out.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": now if changed or prev.get("reason") != reason else prev.get("lastHeartbeatTime", now),
+                "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
+            }
+        )
+    return out
+
+
+def node_status(base: BaseState, opts: NodeOptions, old: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    capacity = node_capacity(base, opts)
+    hb = base.heartbeat
+    addresses = [{"type": "InternalIP", "address": base.ip or "127.0.0.1"}]
+    addresses.append({"type": "Hostname", "address": (hb.local_hostname if hb and hb.local_hostname else base.node_name)})
+    return {
+        "phase": "Running",
+        "capacity": capacity,
+        "allocatable": dict(capacity),
+        "conditions": node_conditions(base, old, now),
+        "addresses": addresses,
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "nodeInfo": {
+            "architecture": _arch(),
+            "operatingSystem": "linux",
+            "kubeletVersion": f"koupleless-{hb.metadata.version if hb else ''}",
+            "kernelVersion": "",
+            "osImage": f"koupleless base {hb.metadata.name if hb else ''}",
+            "containerRuntimeVersion": "arklet://",
+            "kubeProxyVersion": "",
+            "machineID": base.base_id,
+            "systemUUID": base.base_id,
+            "bootID": "",
+        },
+    }
+
+
+def node_status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    for key in ("capacity", "allocatable", "addresses"):
+        if old.get(key) != new.get(key):
+            return True
+    def view(s: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return sorted((c.get("type"), c.get("status"), c.get("reason")) for c in s.get("conditions") or [])
+    return view(old) != view(new)
+
+
+def build_node(base: BaseState, opts: NodeOptions, now: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": base.node_name,
+            "labels": node_labels(base, opts),
+            "annotations": {keys.ANNOTATION_BASE_ID: base.base_id},
+        },
+        "spec": {"taints": node_taints(opts)},
+        "status": node_status(base, opts, None, now),
+    }
+
+
+def micro_time(t: dt.datetime | None = None) -> str:
+    t = t or dt.datetime.now(dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_micro_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def lease_expired(lease: dict[str, Any], now: dt.datetime | None = None) -> bool:
+    spec = lease.get("spec") or {}
+    renew = parse_micro_time(spec.get("renewTime"))
+    if renew is None:
+        return True
+    duration = spec.get("leaseDurationSeconds") or LEASE_DURATION_S
+    return renew + dt.timedelta(seconds=float(duration)) < (now or dt.datetime.now(dt.UTC))
+
+
+def build_lease(base: BaseState, holder: str, opts: NodeOptions, transitions: int = 0) -> dict[str, Any]:
+    now = micro_time()
+    meta: dict[str, Any] = {
+        "name": base.node_name,
+        "namespace": LEASE_NAMESPACE,
+        "labels": {keys.LABEL_COMPONENT_LEGACY: keys.COMPONENT_VNODE_LEASE, keys.LABEL_VNODE_ENV: opts.env},
+    }
+    if base.node_uid:
+        meta["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "Node", "name": base.node_name, "uid": base.node_uid}
+        ]
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": meta,
+        "spec": {
+            "holderIdentity": holder,
+            "leaseDurationSeconds": LEASE_DURATION_S,
+            "acquireTime": now,
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        },
+    }
+
+
+def _arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)

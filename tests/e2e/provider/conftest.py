@@ -1,0 +1,129 @@
+"""The provider and base-sim as the user runs them: subprocesses of `module-controller`, against the
+session's control plane and mosquitto. Each test gets its own env (topics, Node label) and cleans up
+the Nodes it made, so tests never see each other's bases."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devcluster.broker import Broker
+from devcluster.cluster import ControlPlane
+from devcluster.processes import ManagedProcess, free_port
+from koupleless import keys
+from tests.helpers import wait_until
+
+CLI = [sys.executable, "-m", "koupleless"]
+
+
+class Sim:
+    def __init__(self, process: ManagedProcess, port: int) -> None:
+        self.process = process
+        self.port = port
+
+    def _call(self, method: str, path: str) -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def bases(self) -> dict[str, Any]:
+        return self._call("GET", "/bases")["bases"]
+
+    def modules(self, base_id: str) -> list[dict[str, Any]]:
+        return self.bases()[base_id]["modules"]
+
+    def kill(self, base_id: str) -> None:
+        self._call("POST", f"/bases/{base_id}/kill")
+
+    def restart(self, base_id: str) -> None:
+        self._call("POST", f"/bases/{base_id}/restart")
+
+
+class System:
+    """One provider and any number of base-sim processes, on one env."""
+
+    def __init__(self, cp: ControlPlane, broker: Broker, workdir: Path) -> None:
+        self.cp = cp
+        self.broker = broker
+        self.workdir = workdir
+        self.env = "e2e" + uuid.uuid4().hex[:6]
+        self.processes: list[ManagedProcess] = []
+        self.provider: ManagedProcess | None = None
+        self.provider_port = 0
+
+    def start_provider(self, *extra: str, name: str = "provider") -> ManagedProcess:
+        self.provider_port = free_port()
+        args = [
+            *CLI, "provider", "--kubeconfig", str(self.cp.kubeconfig), "--mqtt-broker", self.broker.address,
+            "--env", self.env, "--identity", f"{self.env}-{name}", "--http-host", "127.0.0.1",
+            "--http-port", str(self.provider_port), "--heartbeat-interval", "1", "--missed-heartbeats", "3",
+            "--resync-interval", "2", "--health-interval", "5", "--log-level", "debug", *extra,
+        ]
+        proc = ManagedProcess(name, args, self.workdir / f"{name}.log").start()
+        self.processes.append(proc)
+        port = self.provider_port
+        proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=60)
+        self.provider = proc
+        return proc
+
+    def start_sim(self, *extra: str, count: int = 3, name: str = "base", version: str = "1.1.1",
+                  id_prefix: str | None = None) -> Sim:
+        port = free_port()
+        label = f"sim-{len(self.processes)}"
+        args = [
+            *CLI, "base-sim", "--mqtt-broker", self.broker.address, "--env", self.env, "--count", str(count),
+            "--name", name, "--version", version, "--heartbeat-interval", "1", "--status-port", str(port),
+            *(["--id-prefix", id_prefix] if id_prefix else []), *extra,
+        ]
+        proc = ManagedProcess(label, args, self.workdir / f"{label}.log").start()
+        self.processes.append(proc)
+        proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=30)
+        return Sim(proc, port)
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.cp.kubectl(*args, "-o", "json").stdout)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.kubectl_json("get", "nodes", "-l", f"{keys.LABEL_VNODE_ENV}={self.env}")["items"]
+
+    def wait_nodes_ready(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+        def ready() -> list[dict[str, Any]] | None:
+            nodes = [n for n in self.nodes() if node_ready(n) == "True"]
+            return nodes if len(nodes) == count else None
+
+        return wait_until(ready, timeout, what=f"{count} Ready virtual Nodes")
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        with contextlib.suppress(Exception):
+            self.cp.kubectl("delete", "nodes", "-l", f"{keys.LABEL_VNODE_ENV}={self.env}", "--wait=false")
+
+
+def node_ready(node: dict[str, Any]) -> str:
+    for c in node.get("status", {}).get("conditions", []):
+        if c["type"] == "Ready":
+            return str(c["status"])
+    return "Unknown"
+
+
+def _http_ok(port: int, path: str) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+        return bool(resp.status == 200)
+
+
+@pytest.fixture
+def system(control_plane: ControlPlane, mqtt_broker: Broker, tmp_path: Path) -> Iterator[System]:
+    s = System(control_plane, mqtt_broker, tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
