@@ -1,0 +1,106 @@
+"""`module-controller extender`: serve /filter, /prioritize and /bind until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import ssl
+
+from extender.app import DEFAULT_MAX_BODY, Settings
+from extender.policy import STRATEGIES
+from extender.server import ExtenderServer
+from koupleless import keys, runtime
+from koupleless.http import ReloadingTLS
+from koupleless.kube import KubeConfig, KubeConfigError, load_config
+
+log = logging.getLogger("extender")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    parser.add_argument("--port", type=int, default=8888, help="port (0: pick a free one; default 8888)")
+    parser.add_argument("--tls-cert-file", help="serve HTTPS with this certificate (PEM); reloaded on change")
+    parser.add_argument("--tls-private-key-file", help="its private key (PEM)")
+    parser.add_argument(
+        "--kubeconfig",
+        help="watch Nodes and module Pods and bind Pods through this API server (needed for "
+        "nodeCacheCapable: true and bindVerb). Default: $KUBECONFIG, the in-cluster service account, "
+        "~/.kube/config; with none of them, only full-Node requests (nodeCacheCapable: false) are served",
+    )
+    parser.add_argument("--context", help="kubeconfig context (default: its current-context)")
+    parser.add_argument(
+        "--no-kube", action="store_true",
+        help="do not talk to the API server at all: full-Node mode, module counts from the Node annotation",
+    )
+    parser.add_argument(
+        "--strategy", choices=STRATEGIES, default="spread",
+        help="prioritize: spread = fewest modules, then most free memory; binpack = the opposite (default spread)",
+    )
+    parser.add_argument(
+        "--burst-wait", type=float, default=1.0,
+        help="seconds a filter may wait for the binding of a module Pod still in flight before counting "
+        "a base's modules (default 1.0; keep well under the scheduler's httpTimeout)",
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
+        help="largest request accepted (full-Node requests carry every Node; default %(default)s)",
+    )
+    runtime.add_logging_arguments(parser)
+
+
+def _kube_config(args: argparse.Namespace) -> tuple[KubeConfig | None, str | None]:
+    """(config, error). Without an explicit choice, a missing kubeconfig just means full-Node mode."""
+    if args.no_kube:
+        return None, None
+    explicit = bool(args.kubeconfig or os.environ.get(keys.ENV_KUBECONFIG) or args.context)
+    try:
+        return load_config(args.kubeconfig, args.context), None
+    except KubeConfigError as exc:
+        if explicit:
+            return None, str(exc)
+        log.warning("%s; serving full-Node requests only (nodeCacheCapable: false, no bindVerb)", exc)
+        return None, None
+
+
+def run(args: argparse.Namespace) -> int:
+    runtime.setup_logging(args.log_level, args.log_format)
+    if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
+        log.error("give both --tls-cert-file and --tls-private-key-file, or neither (plain HTTP)")
+        return 2
+    tls: ReloadingTLS | None = None
+    if args.tls_cert_file:
+        try:
+            tls = ReloadingTLS(args.tls_cert_file, args.tls_private_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot load the serving certificate %s / key %s: %s — write them with "
+                      "`module-controller certs`", args.tls_cert_file, args.tls_private_key_file, exc)
+            return 1
+    kube, error = _kube_config(args)
+    if error:
+        log.error("%s", error)
+        return 2
+    settings = Settings(strategy=args.strategy, burst_wait=args.burst_wait)
+
+    async def main(stop: asyncio.Event) -> int:
+        server = ExtenderServer(kube, host=args.host, port=args.port,
+                                ssl_context=tls.context if tls else None, settings=settings,
+                                max_body=args.max_body_bytes)
+        try:
+            await server.start(wait_synced=False)
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+            await server.stop()
+            return 1
+        if tls:
+            tls.start()
+        synced = asyncio.ensure_future(server.wait_synced())
+        await stop.wait()
+        synced.cancel()
+        if tls:
+            await tls.stop()
+        await server.stop()
+        return 0
+
+    return runtime.run_until_stopped(main)

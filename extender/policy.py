@@ -1,0 +1,223 @@
+"""Which bases can take a module Pod, why the others cannot, and which of the fitting ones is best.
+
+Pure functions over summaries (`BaseInfo`, `BaseUsage`, `ModulePod`): the HTTP layer and the watch
+cache feed them, the unit tests call them directly.
+
+Reasons are what `kubectl describe pod` shows after the scheduler counts them
+(`0/5 nodes are available: 3 base version not in [1.1.1], 2 base at module capacity.`), so each
+is a fixed phrase filled only with values from the Pod — never from the Node, or every Node would
+get its own line — and short enough that the whole event stays under the 1 KiB the event keeps.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from extender.quantity import format_bytes
+from extender.state import BaseInfo, BaseUsage, ModulePod
+from koupleless import keys
+from koupleless.model import BaseRequirement
+
+Strategy = Literal["spread", "binpack"]
+STRATEGIES: tuple[Strategy, ...] = ("spread", "binpack")
+MAX_SCORE = 10
+
+REASON_NOT_VNODE = "not a virtual node"
+REASON_NOT_READY = "base not Ready"
+REASON_CAPACITY = "base at module capacity"
+#: Same words as the in-tree NodeAffinity plugin, for constraints on labels other than the base's.
+REASON_AFFINITY = "node(s) didn't match Pod's node affinity/selector"
+
+#: Stable kinds, the `reason` label of the rejection metric.
+KIND_NOT_VNODE = "not_vnode"
+KIND_NOT_READY = "not_ready"
+KIND_AFFINITY = "affinity"
+KIND_DUPLICATE = "duplicate"
+KIND_CAPACITY = "capacity"
+KIND_MEMORY = "memory"
+_LABEL_KINDS = {keys.LABEL_BASE_STACK: "stack", keys.LABEL_BASE_NAME: "name", keys.LABEL_BASE_VERSION: "version"}
+#: Order in which a failing base label is named: the coarsest first.
+_LABEL_ORDER = (keys.LABEL_BASE_STACK, keys.LABEL_BASE_NAME, keys.LABEL_BASE_VERSION)
+
+_VALUES_BUDGET = 80
+_VALUE_MAX = 40
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def values_text(values: Iterable[str]) -> str:
+    """`[1.1.1, 1.1.2]`, cut to a bounded length with `+N more` so the event stays small."""
+    ordered = sorted(values)
+    shown: list[str] = []
+    used = 0
+    for value in ordered:
+        value = _shorten(value, _VALUE_MAX)
+        if shown and used + len(value) + 2 > _VALUES_BUDGET:
+            break
+        shown.append(value)
+        used += len(value) + 2
+    rest = len(ordered) - len(shown)
+    return "[" + ", ".join(shown) + (f", +{rest} more" if rest else "") + "]"
+
+
+def reason_label(key: str, values: Iterable[str]) -> str:
+    return f"base {_LABEL_KINDS[key]} not in {values_text(values)}"
+
+
+def reason_duplicate(biz_name: str) -> str:
+    return f"base already has module {_shorten(biz_name, 63)}"
+
+
+def reason_memory(requested: int) -> str:
+    return f"base memory below {format_bytes(requested)} requested"
+
+
+@dataclass(slots=True)
+class FilterOutcome:
+    passing: list[str] = field(default_factory=list)
+    #: node name -> reason; every rejected node is here (an unlisted one would vanish from the event).
+    failed: dict[str, str] = field(default_factory=dict)
+    #: rejection kind -> nodes, for metrics and logs.
+    kinds: Counter[str] = field(default_factory=Counter)
+
+
+UsageOf = Callable[[str], "BaseUsage | None"]
+
+
+def _no_usage(_: str) -> BaseUsage | None:
+    return None
+
+
+def _affinity_reason(pod: ModulePod, base: BaseInfo) -> tuple[str, str]:
+    # Only terms that can match anything: an empty nodeSelectorTerm matches no Node, so it is no
+    # "closest" term (the module model reads it as "any base", which is right for validation only).
+    placement_terms = pod.placement.terms or ()
+    terms = [t for t, p in zip(pod.base.terms, placement_terms, strict=False) if p.labels or p.names]
+    missing = set(BaseRequirement(tuple(terms)).mismatches(base.labels))
+    for key in _LABEL_ORDER:
+        if key in missing:
+            # The values are the Pod's, across every term, so all bases failing on this key share a line.
+            allowed = frozenset().union(*(t.get(key, frozenset()) for t in terms))
+            return reason_label(key, allowed), _LABEL_KINDS[key]
+    return REASON_AFFINITY, KIND_AFFINITY
+
+
+def filter_pod(
+    pod: ModulePod,
+    candidates: Iterable[tuple[str, BaseInfo | None]],
+    usage_of: UsageOf = _no_usage,
+) -> FilterOutcome:
+    """Split `candidates` (name, what is known of the Node, None = not a known base) into passing
+    and failed-with-reason. Non-module Pods pass everywhere."""
+    out = FilterOutcome()
+    if not pod.is_module:
+        out.passing = [name for name, _ in candidates]
+        return out
+    passing, failed, kinds = out.passing, out.failed, out.kinds
+    placement = pod.placement
+    unconstrained = placement.unconstrained
+    need = pod.modules
+    wanted = pod.biz_names
+    mem_request = pod.memory
+    # Reasons for label mismatches depend only on the labels the Pod names: remember them.
+    affinity_memo: dict[tuple[str | None, ...], tuple[str, str]] = {}
+    memo_keys = tuple(sorted({k for t in pod.base.terms for k in t}))
+
+    for name, base in candidates:
+        if base is None or not base.is_vnode:
+            failed[name] = REASON_NOT_VNODE
+            kinds[KIND_NOT_VNODE] += 1
+            continue
+        if not unconstrained and not placement.matches(name, base.labels):
+            memo_key = tuple(base.labels.get(k) for k in memo_keys)
+            hit = affinity_memo.get(memo_key)
+            if hit is None:
+                hit = affinity_memo[memo_key] = _affinity_reason(pod, base)
+            failed[name] = hit[0]
+            kinds[hit[1]] += 1
+            continue
+        if not base.ready:
+            failed[name] = REASON_NOT_READY
+            kinds[KIND_NOT_READY] += 1
+            continue
+        usage = usage_of(name)
+        if usage is not None:
+            held = usage.biz_names
+            dup = next((b for b in wanted if held.get(b, 0) > 0), None)
+            if dup is not None:
+                failed[name] = reason_duplicate(dup)
+                kinds[KIND_DUPLICATE] += 1
+                continue
+        used = usage.modules if usage is not None else 0
+        if base.max_modules is not None and used + need > base.max_modules:
+            failed[name] = REASON_CAPACITY
+            kinds[KIND_CAPACITY] += 1
+            continue
+        if mem_request is not None and base.memory is not None:
+            free = base.memory - (usage.memory if usage is not None else 0)
+            if free < mem_request:
+                failed[name] = reason_memory(mem_request)
+                kinds[KIND_MEMORY] += 1
+                continue
+        passing.append(name)
+    return out
+
+
+def _rank_scores(keyed: list[tuple[tuple[float, ...], str]]) -> dict[str, int]:
+    """Dense rank (best = lowest key) spread over 0..MAX_SCORE; equal keys get equal scores."""
+    distinct = sorted({k for k, _ in keyed})
+    if len(distinct) <= 1:
+        return {name: MAX_SCORE for _, name in keyed}
+    last = len(distinct) - 1
+    rank = {k: i for i, k in enumerate(distinct)}
+    return {name: round(MAX_SCORE * (last - rank[k]) / last) for k, name in keyed}
+
+
+def prioritize_pod(
+    pod: ModulePod,
+    names: Iterable[str],
+    base_of: Callable[[str], BaseInfo | None],
+    usage_of: UsageOf = _no_usage,
+    strategy: Strategy = "spread",
+) -> list[tuple[str, int]]:
+    """Scores 0..10 per candidate. spread: fewest modules first, then most free memory;
+    binpack: most modules first, then least free memory. Unknown bases and non-module Pods score 0."""
+    names = list(names)
+    if not pod.is_module:
+        return [(name, 0) for name in names]
+    keyed: list[tuple[tuple[float, ...], str]] = []
+    for name in names:
+        base = base_of(name)
+        if base is None:
+            continue
+        usage = usage_of(name)
+        modules = usage.modules if usage is not None else 0
+        if base.memory is None:
+            mem_key: tuple[float, ...] = (1.0, 0.0)
+        else:
+            free = base.memory - (usage.memory if usage is not None else 0)
+            mem_key = (0.0, float(-free if strategy == "spread" else free))
+        count_key = float(modules if strategy == "spread" else -modules)
+        keyed.append(((count_key, *mem_key), name))
+    scores = _rank_scores(keyed)
+    return [(name, scores.get(name, 0)) for name in names]
+
+
+def annotated_usage(base: BaseInfo) -> BaseUsage | None:
+    """Usage a provider reports on the Node itself (full-Node mode without a Pod watch)."""
+    if base.annotated_modules is None:
+        return None
+    return BaseUsage(modules=len(base.annotated_modules), biz_names=Counter(base.annotated_modules))
+
+
+def fit_error_message(total_nodes: int, failed: Mapping[str, str]) -> str:
+    """The text kube-scheduler builds from the reasons (pkg/scheduler/framework/types.go FitError):
+    used by tests and docs to check what a user will read."""
+    histogram = Counter(failed.values())
+    parts = sorted(f"{count} {reason}" for reason, count in histogram.items())
+    return f"0/{total_nodes} nodes are available: " + ", ".join(parts) + "."

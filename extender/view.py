@@ -1,0 +1,156 @@
+"""The extender's picture of the cluster: bases by name, modules per base, and the module Pods that
+have passed the filter but whose binding nobody has seen yet.
+
+The last part is what keeps a burst from overbooking a base. kube-scheduler filters Pod N+1 while
+Pod N is still being bound, and it does not count our extended resource itself (ignoredByScheduler),
+so a count taken from the watch alone would let two Pods take the last slot. When the answer for a
+base could depend on where an in-flight Pod lands, the filter waits (briefly, bounded) until that
+Pod's binding is known — from our own bind verb, or from the watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from extender.state import BaseInfo, BaseUsage, ModulePod, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    pod: ModulePod
+    biz_names: frozenset[str]
+    candidates: frozenset[str]
+    expires: float
+
+    @property
+    def modules(self) -> int:
+        return self.pod.modules
+
+
+class ClusterView:
+    def __init__(self, *, assume_ttl: float = 30.0, inflight_ttl: float = 2.0) -> None:
+        self.bases: dict[str, BaseInfo] = {}
+        self.usage = Usage(assume_ttl=assume_ttl)
+        self.inflight_ttl = inflight_ttl
+        self._inflight: dict[str, InFlight] = {}
+        self._changed = asyncio.Event()
+        #: Both watches have delivered their first full list.
+        self.synced = False
+
+    # --- bases ---------------------------------------------------------------------------------
+
+    def base(self, name: str) -> BaseInfo | None:
+        return self.bases.get(name)
+
+    def usage_of(self, name: str) -> BaseUsage | None:
+        return self.usage.get(name)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def upsert_node(self, node: Mapping[str, Any]) -> None:
+        info = BaseInfo.from_node(node)
+        if info.name:
+            is_new = info.name not in self.bases
+            self.bases[info.name] = info
+            if is_new:
+                self._notify()
+
+    def remove_node(self, node: Mapping[str, Any]) -> None:
+        self.bases.pop(BaseInfo.from_node(node).name, None)
+
+    async def wait_for_bases(self, names: Iterable[str], within: float) -> None:
+        """Until every name is a known base, or `within` seconds (a Node the scheduler already sees
+        may not have reached our watch yet)."""
+        deadline = time.monotonic() + within
+        missing = [n for n in names if n not in self.bases]
+        while missing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return
+            missing = [n for n in missing if n not in self.bases]
+
+    # --- module Pods ---------------------------------------------------------------------------
+
+    def observe_pod(self, pod: Mapping[str, Any]) -> None:
+        module = ModulePod.from_pod(pod)
+        self.usage.observe(module)
+        if module.node_name or module.terminal:
+            self.end_inflight(module.key)
+
+    def forget_pod(self, pod: Mapping[str, Any]) -> None:
+        key = ModulePod.from_pod(pod).key
+        self.usage.forget(key)
+        self.end_inflight(key)
+
+    def assume(self, pod: ModulePod, node: str) -> None:
+        self.usage.assume(pod, node)
+        self.end_inflight(pod.key)
+
+    # --- in-flight Pods ------------------------------------------------------------------------
+
+    def begin_inflight(self, pod: ModulePod, passing: Iterable[str], now: float | None = None) -> None:
+        at = time.monotonic() if now is None else now
+        self._inflight[pod.key] = InFlight(pod, frozenset(pod.biz_names), frozenset(passing), at + self.inflight_ttl)
+
+    def inflight_pod(self, pod_key: str) -> ModulePod | None:
+        entry = self._inflight.get(pod_key)
+        return entry.pod if entry is not None else None
+
+    def end_inflight(self, pod_key: str) -> None:
+        if self._inflight.pop(pod_key, None) is not None:
+            self._notify()
+
+    def inflight_others(self, pod_key: str, now: float | None = None) -> dict[str, InFlight]:
+        at = time.monotonic() if now is None else now
+        expired = [k for k, v in self._inflight.items() if v.expires <= at]
+        for key in expired:
+            del self._inflight[key]
+        return {k: v for k, v in self._inflight.items() if k != pod_key}
+
+    def inflight_could_change(self, pod: ModulePod, passing: list[str], others: Mapping[str, InFlight]) -> bool:
+        """Whether some in-flight Pod, landing on one of `passing`, would make that base wrong for
+        `pod`: it brings the same bizName, or the base has fewer free slots than both need."""
+        if not others or not passing:
+            return False
+        wanted = frozenset(pod.biz_names)
+        reserve = sum(o.modules for o in others.values())
+        passing_set: set[str] | None = None
+        for other in others.values():
+            if wanted & other.biz_names:
+                passing_set = passing_set if passing_set is not None else set(passing)
+                if not passing_set.isdisjoint(other.candidates):
+                    return True
+        for name in passing:
+            base = self.bases.get(name)
+            if base is None or base.max_modules is None:
+                continue
+            usage = self.usage.get(name)
+            used = usage.modules if usage is not None else 0
+            if used + pod.modules + reserve <= base.max_modules:
+                continue
+            if any(name in o.candidates for o in others.values()):
+                return True
+        return False
+
+    async def settle(self, pod_key: str, within: float) -> bool:
+        """Wait until no other Pod is in flight, or `within` seconds. True when everything settled."""
+        deadline = time.monotonic() + within
+        while self.inflight_others(pod_key):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
+            except TimeoutError:
+                continue
+        return True

@@ -1,0 +1,216 @@
+"""Filter and prioritize decisions, over the Nodes and Pods the scheduler would send."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from extender import policy
+from extender.state import ANNOTATION_NODE_MODULES, BaseInfo, ModulePod, Usage
+from koupleless import keys
+from tests.unit.extender.samples import module_pod, plain_pod, real_node, vnode
+
+
+def run_filter(pod: dict, nodes: list[dict], bound: list[dict] = ()) -> policy.FilterOutcome:  # type: ignore[assignment]
+    usage = Usage()
+    for p in bound:
+        usage.observe(ModulePod.from_pod(p))
+    bases = [(n["metadata"]["name"], BaseInfo.from_node(n)) for n in nodes]
+    return policy.filter_pod(ModulePod.from_pod(pod), bases, usage.get)
+
+
+def test_only_virtual_nodes_that_match_stack_name_and_version_pass() -> None:
+    nodes = [
+        vnode("virtual-node-a"),
+        vnode("virtual-node-b", version="1.0.0"),
+        vnode("virtual-node-c", base="other-base"),
+        vnode("virtual-node-d", stack="go"),
+        real_node("worker-1"),
+    ]
+    out = run_filter(module_pod("m"), nodes)
+    assert out.passing == ["virtual-node-a"]
+    assert out.failed == {
+        "virtual-node-b": "base version not in [1.1.1]",
+        "virtual-node-c": "base name not in [base]",
+        "virtual-node-d": "base stack not in [java]",
+        "worker-1": "not a virtual node",
+    }
+
+
+def test_reasons_take_values_from_the_pod_so_the_scheduler_folds_them_into_one_line() -> None:
+    nodes = [vnode(f"virtual-node-{i}", version=f"1.0.{i}") for i in range(5)]
+    out = run_filter(module_pod("m", versions=("2.0.0", "1.9.9")), nodes)
+    assert out.passing == []
+    assert policy.fit_error_message(5, out.failed) == "0/5 nodes are available: 5 base version not in [1.9.9, 2.0.0]."
+
+
+def test_a_base_that_is_not_ready_is_out() -> None:
+    out = run_filter(module_pod("m"), [vnode("virtual-node-a", ready=False), vnode("virtual-node-b")])
+    assert out.passing == ["virtual-node-b"]
+    assert out.failed == {"virtual-node-a": "base not Ready"}
+
+
+def test_capacity_counts_modules_of_pods_bound_to_the_base() -> None:
+    nodes = [vnode("virtual-node-a", max_modules=2), vnode("virtual-node-b", max_modules=2)]
+    bound = [module_pod("p1", bizs=("x1",), node="virtual-node-a"), module_pod("p2", bizs=("x2",), node="virtual-node-a"),
+             module_pod("p3", bizs=("x3",), node="virtual-node-b")]
+    out = run_filter(module_pod("m"), nodes, bound)
+    assert out.passing == ["virtual-node-b"]
+    assert out.failed == {"virtual-node-a": "base at module capacity"}
+    # A Pod carrying two modules needs two free slots.
+    out = run_filter(module_pod("m2", bizs=("y1", "y2")), nodes, bound)
+    assert out.failed == {"virtual-node-a": "base at module capacity", "virtual-node-b": "base at module capacity"}
+
+
+def test_finished_pods_free_their_slot() -> None:
+    bound = [module_pod("p1", bizs=("x1",), node="virtual-node-a", phase="Succeeded"),
+             module_pod("p2", bizs=("x2",), node="virtual-node-a", phase="Failed")]
+    out = run_filter(module_pod("m"), [vnode("virtual-node-a", max_modules=1)], bound)
+    assert out.passing == ["virtual-node-a"]
+
+
+def test_a_base_already_holding_the_biz_name_is_out() -> None:
+    nodes = [vnode("virtual-node-a", max_modules=10), vnode("virtual-node-b", max_modules=10)]
+    bound = [module_pod("other-replica", bizs=("biz1",), node="virtual-node-a")]
+    out = run_filter(module_pod("m", bizs=("biz0", "biz1")), nodes, bound)
+    assert out.passing == ["virtual-node-b"]
+    assert out.failed == {"virtual-node-a": "base already has module biz1"}
+
+
+def test_memory_headroom_where_both_pod_and_base_give_it() -> None:
+    nodes = [vnode("virtual-node-a", memory="1Gi"), vnode("virtual-node-b", memory="256Mi"),
+             vnode("virtual-node-c", memory=None)]
+    bound = [module_pod("p1", bizs=("x",), node="virtual-node-a", memory="768Mi")]
+    out = run_filter(module_pod("m", memory="512Mi"), nodes, bound)
+    assert out.passing == ["virtual-node-c"]
+    assert out.failed == {"virtual-node-a": "base memory below 512Mi requested",
+                          "virtual-node-b": "base memory below 512Mi requested"}
+    # No memory request: memory is no reason.
+    assert run_filter(module_pod("n"), nodes, bound).passing == ["virtual-node-a", "virtual-node-b", "virtual-node-c"]
+
+
+def test_non_module_pods_pass_through_untouched() -> None:
+    nodes = [vnode("virtual-node-a", ready=False), real_node("worker-1")]
+    out = run_filter(plain_pod("web"), nodes)
+    assert out.passing == ["virtual-node-a", "worker-1"]
+    assert out.failed == {}
+
+
+def test_legacy_module_label_is_a_module_pod() -> None:
+    out = run_filter(module_pod("m", legacy_label=True), [real_node("worker-1")])
+    assert out.failed == {"worker-1": "not a virtual node"}
+
+
+def test_other_affinity_terms_are_enforced_with_the_in_tree_wording() -> None:
+    pod = module_pod("m", extra_expressions=[{"key": keys.LABEL_HOSTNAME, "operator": "NotIn",
+                                              "values": ["virtual-node-a"]}])
+    out = run_filter(pod, [vnode("virtual-node-a"), vnode("virtual-node-b")])
+    assert out.passing == ["virtual-node-b"]
+    assert out.failed == {"virtual-node-a": "node(s) didn't match Pod's node affinity/selector"}
+
+
+def test_node_selector_is_enforced() -> None:
+    pod = module_pod("m")
+    pod["spec"]["nodeSelector"] = {keys.LABEL_HOSTNAME: "virtual-node-b"}
+    out = run_filter(pod, [vnode("virtual-node-a"), vnode("virtual-node-b")])
+    assert out.passing == ["virtual-node-b"]
+
+
+def test_terms_are_ored_and_the_closest_term_names_the_reason() -> None:
+    pod = module_pod("m")
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    terms.append({"matchExpressions": [{"key": keys.LABEL_BASE_NAME, "operator": "In", "values": ["base"]},
+                                       {"key": keys.LABEL_BASE_VERSION, "operator": "In", "values": ["2.0.0"]}]})
+    out = run_filter(pod, [vnode("virtual-node-a", version="2.0.0", stack="go"), vnode("virtual-node-b", version="3")])
+    assert out.passing == ["virtual-node-a"]
+    assert out.failed == {"virtual-node-b": "base version not in [1.1.1, 2.0.0]"}
+
+
+def test_the_checks_are_reported_in_a_fixed_order() -> None:
+    # Wrong version AND not Ready AND full: the placement mismatch is what the user must fix first.
+    bound = [module_pod("p", bizs=("x",), node="virtual-node-a")]
+    out = run_filter(module_pod("m"), [vnode("virtual-node-a", version="9", ready=False, max_modules=1)], bound)
+    assert out.failed == {"virtual-node-a": "base version not in [1.1.1]"}
+
+
+def test_worst_case_event_stays_under_one_kib() -> None:
+    long_versions = tuple(f"1.{i}.{i}-SNAPSHOT-with-a-very-long-qualifier-{i:03d}" for i in range(40))
+    pod = module_pod("m", bizs=("b" * 63, "c" * 63, "d" * 63), versions=long_versions, base="n" * 63,
+                     stack="s" * 63, memory="512Mi")
+    nodes = [vnode("virtual-node-wrong-stack", stack="go"), vnode("virtual-node-wrong-name", stack="s" * 63),
+             vnode("virtual-node-wrong-version", stack="s" * 63, base="n" * 63, version="0"),
+             real_node("worker-1")]
+    ok = {"stack": "s" * 63, "base": "n" * 63, "version": long_versions[0]}
+    nodes += [vnode("virtual-node-not-ready", ready=False, **ok), vnode("virtual-node-full", max_modules=0, **ok),
+              vnode("virtual-node-small", memory="1Mi", max_modules=9, **ok)]
+    nodes += [vnode(f"virtual-node-dup-{b}", max_modules=9, **ok) for b in "bcd"]
+    bound = [module_pod(f"holder-{b}", bizs=(b * 63,), node=f"virtual-node-dup-{b}") for b in "bcd"]
+    out = run_filter(pod, nodes, bound)
+    assert set(out.kinds) == {"stack", "name", "version", "not_vnode", "not_ready", "capacity", "memory", "duplicate"}
+    # Thousands of bases, every reason present, plus an in-tree reason and the preemption suffix.
+    failed = {f"n{i}": reason for i, reason in enumerate(list(out.failed.values()) * 1000)}
+    message = policy.fit_error_message(50000, failed) + (
+        " preemption: 0/50000 nodes are available: 50000 Preemption is not helpful for scheduling.")
+    assert len(message.encode()) < 1024, message
+
+
+def test_values_text_bounds_long_lists() -> None:
+    text = policy.values_text([f"v{i:03d}" for i in range(100)])
+    assert text.startswith("[v000, v001") and text.endswith("more]") and len(text) < 120
+
+
+def scores(pod: dict, nodes: list[dict], bound: list[dict], strategy: policy.Strategy) -> dict[str, int]:
+    usage = Usage()
+    for p in bound:
+        usage.observe(ModulePod.from_pod(p))
+    bases = {n["metadata"]["name"]: BaseInfo.from_node(n) for n in nodes}
+    return dict(policy.prioritize_pod(ModulePod.from_pod(pod), list(bases), bases.get, usage.get, strategy))
+
+
+def test_spread_prefers_fewest_modules_then_most_free_memory() -> None:
+    nodes = [vnode("a", max_modules=9, memory="4Gi"), vnode("b", max_modules=9, memory="8Gi"),
+             vnode("c", max_modules=9, memory="8Gi")]
+    bound = [module_pod("p1", bizs=("x",), node="a"), module_pod("p2", bizs=("y",), node="c")]
+    got = scores(module_pod("m"), nodes, bound, "spread")
+    assert got["b"] > got["c"] > got["a"]
+    assert got["b"] == policy.MAX_SCORE and got["a"] == 0
+
+
+def test_binpack_prefers_the_fullest_base() -> None:
+    nodes = [vnode("a", max_modules=9), vnode("b", max_modules=9), vnode("c", max_modules=9)]
+    bound = [module_pod("p1", bizs=("x",), node="a"), module_pod("p2", bizs=("y",), node="a"),
+             module_pod("p3", bizs=("z",), node="c")]
+    got = scores(module_pod("m"), nodes, bound, "binpack")
+    assert got["a"] > got["c"] > got["b"]
+
+
+def test_equal_bases_score_equally_and_scores_stay_in_range() -> None:
+    nodes = [vnode(f"n{i}") for i in range(30)]
+    bound = [module_pod(f"p{i}", bizs=(f"x{i}",), node=f"n{i % 7}") for i in range(20)]
+    for strategy in policy.STRATEGIES:
+        got = scores(module_pod("m"), nodes, bound, strategy)
+        assert set(got.values()) <= set(range(policy.MAX_SCORE + 1))
+        assert got["n10"] == got["n20"]  # both empty
+
+
+def test_prioritize_gives_zero_to_unknown_nodes_and_non_module_pods() -> None:
+    bases = {"a": BaseInfo.from_node(vnode("a"))}
+    assert policy.prioritize_pod(ModulePod.from_pod(module_pod("m")), ["a", "x"], bases.get) == [("a", 10), ("x", 0)]
+    assert policy.prioritize_pod(ModulePod.from_pod(plain_pod("w")), ["a"], bases.get) == [("a", 0)]
+
+
+def test_provider_annotation_gives_counts_without_a_pod_watch() -> None:
+    node = vnode("a", max_modules=2, annotations={ANNOTATION_NODE_MODULES: "biz7, biz8"})
+    base = BaseInfo.from_node(node)
+    usage = policy.annotated_usage(base)
+    assert usage is not None and usage.modules == 2 and usage.biz_names == Counter({"biz7": 1, "biz8": 1})
+    out = policy.filter_pod(ModulePod.from_pod(module_pod("m")), [("a", base)], lambda _name: usage)
+    assert out.failed == {"a": "base at module capacity"}
+
+
+@pytest.mark.parametrize("quantity", ["2", "2000m", "2e0"])
+def test_module_capacity_reads_any_quantity_spelling(quantity: str) -> None:
+    node = vnode("a")
+    node["status"]["allocatable"][keys.RESOURCE_MODULE] = quantity
+    assert BaseInfo.from_node(node).max_modules == 2
