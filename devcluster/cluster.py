@@ -327,6 +327,26 @@ class ControlPlane:
         raise StartError("kube-controller-manager", "no default ServiceAccount after 60s",
                          cm.log_path if cm else None)
 
+    def service_account_kubeconfig(self, namespace: str, name: str, hours: int = 24) -> Path:
+        """A kubeconfig that authenticates as the ServiceAccount `namespace/name` (a bound token), so a
+        component runs with exactly the RBAC its manifests grant."""
+        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={hours}h").stdout.strip()
+        assert self.ca is not None
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "devcluster", "cluster": {
+                "server": self.server,
+                "certificate-authority-data": base64.b64encode(self.ca.cert_pem).decode()}}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": name, "context": {"cluster": "devcluster", "user": name,
+                                                    "namespace": namespace}}],
+            "current-context": name,
+        }
+        path = self.workdir / f"sa-{namespace}-{name}.kubeconfig"
+        pki.write_file(path, yaml.safe_dump(config).encode(), private=True)
+        return path
+
     def wait_for_service_account(self, namespace: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

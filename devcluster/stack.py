@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from certs import pki
+from devcluster.binaries import KUBERNETES_VERSION
 from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, StartError, free_port
@@ -189,6 +190,16 @@ class DevStack:
         raise StartError(component, f"timed out after {timeout:.0f}s waiting for {what}",
                          waited_on.log_path if waited_on else None)
 
+    def bin_dir(self) -> Path:
+        """A directory holding only `kubectl`, to put on PATH (the cache also holds the server binaries)."""
+        directory = self.workdir / "bin"
+        directory.mkdir(exist_ok=True)
+        link = directory / "kubectl"
+        if not link.exists():
+            assert self.plane.binaries is not None
+            link.symlink_to(self.plane.binaries.kubectl)
+        return directory
+
     def usage(self, pod: dict[str, Any]) -> str:
         """What `dev` prints once the module runs: real values in the seed's commands."""
         kubeconfig = self.plane.kubeconfig
@@ -200,6 +211,7 @@ class DevStack:
             "The sample module is Running. In another shell:",
             "",
             f"  export KUBECONFIG={kubeconfig}",
+            f"  export PATH={self.bin_dir()}:$PATH   # kubectl {KUBERNETES_VERSION}",
             "",
             "  # the module's Deployment and Pods",
             "  kubectl get deployment test-module-deployment",
