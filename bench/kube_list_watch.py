@@ -16,15 +16,11 @@ import argparse
 import asyncio
 import copy
 import statistics
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from koupleless.kube import Informer, KubeClient, namespace_path, pod_path  # noqa: E402
+from koupleless.kube import Informer, KubeClient, namespace_path, pod_path
 
 
 def pod(i: int) -> dict[str, Any]:
