@@ -34,6 +34,9 @@ PATCH_CONTENT_TYPES: dict[str, str] = {
 
 #: Verbs that may be sent twice without changing the outcome: safe to retry after a lost response.
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+REPLAYABLE_PATCHES = frozenset(
+    {PATCH_CONTENT_TYPES["merge"], PATCH_CONTENT_TYPES["strategic"], PATCH_CONTENT_TYPES["apply"]}
+)
 LIST_PAGE_SIZE = 500
 
 
@@ -310,6 +313,9 @@ class KubeClient:
         request never left (connect failed); 429 is retried for every verb, after `Retry-After`.
         """
         method = method.upper()
+        # Merge, strategic and apply patches give the same result when applied twice, so a PATCH
+        # whose answer was lost may be re-sent; a JSON patch (e.g. "add to /-") may not.
+        replayable = method in IDEMPOTENT or (method == "PATCH" and content_type in REPLAYABLE_PATCHES)
         url = self.config.server + path
         body = orjson.dumps(json) if json is not None else None
         query = _encode_params(params)
@@ -339,7 +345,7 @@ class KubeClient:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 metrics.REQUESTS.labels(method, "0").inc()
                 never_sent = isinstance(exc, aiohttp.ClientConnectorError)
-                if attempt < self.retries and (method in IDEMPOTENT or never_sent):
+                if attempt < self.retries and (replayable or never_sent):
                     reason = "timeout" if isinstance(exc, TimeoutError) else "connection"
                     metrics.REQUEST_RETRIES.labels(method, reason).inc()
                     delay = backoff_delay(attempt)
@@ -353,7 +359,10 @@ class KubeClient:
             metrics.REQUEST_SECONDS.labels(method).observe(time.monotonic() - started)
             if status in expected:
                 return orjson.loads(raw) if raw else {}
-            if status == 429 and attempt < self.retries:
+            # 429: the request was not processed. 5xx with Retry-After: the apiserver asks us to come
+            # back (starting up, overloaded); only safe for requests that may be replayed.
+            throttled = status == 429 or (status >= 500 and retry_after is not None and replayable)
+            if throttled and attempt < self.retries:
                 metrics.REQUEST_RETRIES.labels(method, "throttled").inc()
                 attempt += 1
                 await asyncio.sleep(_retry_after(retry_after, attempt))

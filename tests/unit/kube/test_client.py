@@ -286,3 +286,37 @@ async def test_rotated_token_file_is_picked_up(serve: Any, tmp_path: Path) -> No
         token.write_text("second-token")  # projected tokens are replaced in place by the kubelet
         await client.get(node_path())
     assert seen == ["Bearer first", "Bearer second-token"]
+
+
+async def test_dropped_connection_is_retried_for_merge_patch_but_not_json_patch(serve: Any) -> None:
+    calls: dict[str, int] = {"merge": 0, "json": 0}
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        kind = "json" if request.content_type == "application/json-patch+json" else "merge"
+        calls[kind] += 1
+        if calls[kind] == 1:
+            assert request.transport is not None
+            request.transport.close()  # the answer is lost: did the patch apply or not?
+            return web.Response()
+        return web.json_response({"kind": "Pod"})
+
+    client = await serve({"PATCH /api/v1/namespaces/ns/pods/p": flaky})
+    assert await client.patch(pod_path("ns", "p"), {"metadata": {"labels": {"a": "b"}}}) == {"kind": "Pod"}
+    assert calls["merge"] == 2
+    with pytest.raises(ApiError) as info:
+        await client.patch(pod_path("ns", "p"), [{"op": "add", "path": "/x/-", "value": 1}], "json")
+    assert info.value.status == 0 and calls["json"] == 1
+
+
+async def test_503_with_retry_after_is_retried_for_reads(serve: Any) -> None:
+    calls = 0
+
+    async def starting(_: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return web.Response(status=503, text="apiserver starting", headers={"Retry-After": "0"})
+        return web.json_response({"kind": "NodeList", "items": []})
+
+    client = await serve({"GET /api/v1/nodes": starting})
+    assert (await client.get(node_path()))["kind"] == "NodeList" and calls == 2
