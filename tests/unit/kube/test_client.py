@@ -320,3 +320,25 @@ async def test_503_with_retry_after_is_retried_for_reads(serve: Any) -> None:
 
     client = await serve({"GET /api/v1/nodes": starting})
     assert (await client.get(node_path()))["kind"] == "NodeList" and calls == 2
+
+
+async def test_list_starts_over_unpaged_when_the_continue_token_expires(serve: Any) -> None:
+    queries: list[dict[str, str]] = []
+
+    async def pages(request: web.Request) -> web.Response:
+        queries.append(dict(request.query))
+        if "continue" in request.query:
+            return web.json_response({"kind": "Status", "code": 410, "reason": "Expired",
+                                      "message": "The provided continue parameter is too old"}, status=410)
+        if "limit" in request.query:
+            return web.json_response({"kind": "PodList", "apiVersion": "v1",
+                                      "metadata": {"resourceVersion": "5", "continue": "tok"},
+                                      "items": [{"metadata": {"name": "stale"}}]})
+        return web.json_response({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "9"},
+                                  "items": [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]})
+
+    client = await serve({"GET /api/v1/pods": pages})
+    result = await client.list(pod_path(), {"labelSelector": "app=web"})
+    assert [i["metadata"]["name"] for i in result["items"]] == ["a", "b"]
+    assert result["metadata"]["resourceVersion"] == "9"
+    assert queries[-1] == {"labelSelector": "app=web"}
