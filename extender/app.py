@@ -143,7 +143,7 @@ class Extender:
         outcome = run()
         if view is not None and self.watches_pods and bases is None:
             others = view.inflight_others(pod.key)
-            if others and view.inflight_could_change(pod, outcome.passing, others):
+            if others and view.inflight_overlaps(outcome.passing, others):
                 settled = await view.settle(pod.key, self.settings.burst_wait)
                 BURST_WAITS.labels("settled" if settled else "timeout").inc()
                 outcome = run()

@@ -3,9 +3,10 @@ have passed the filter but whose binding nobody has seen yet.
 
 The last part is what keeps a burst from overbooking a base. kube-scheduler filters Pod N+1 while
 Pod N is still being bound, and it does not count our extended resource itself (ignoredByScheduler),
-so a count taken from the watch alone would let two Pods take the last slot. When the answer for a
-base could depend on where an in-flight Pod lands, the filter waits (briefly, bounded) until that
-Pod's binding is known — from our own bind verb, or from the watch.
+so a count taken from the watch alone would let two Pods take the last slot (or pile onto the base
+that looked emptiest). When an in-flight Pod may land on one of the bases a filter is about to
+pass, the filter waits (briefly, bounded) until that Pod's binding is known — from our own bind
+verb, which arrives within a millisecond or so of the scheduler's decision, or else from the watch.
 """
 
 from __future__ import annotations
@@ -117,30 +118,13 @@ class ClusterView:
             del self._inflight[key]
         return {k: v for k, v in self._inflight.items() if k != pod_key}
 
-    def inflight_could_change(self, pod: ModulePod, passing: list[str], others: Mapping[str, InFlight]) -> bool:
-        """Whether some in-flight Pod, landing on one of `passing`, would make that base wrong for
-        `pod`: it brings the same bizName, or the base has fewer free slots than both need."""
+    def inflight_overlaps(self, passing: list[str], others: Mapping[str, InFlight]) -> bool:
+        """Whether some in-flight Pod may land on one of `passing`: until it has, neither the module
+        counts (capacity, spread) nor the bizNames on those bases are known."""
         if not others or not passing:
             return False
-        wanted = frozenset(pod.biz_names)
-        reserve = sum(o.modules for o in others.values())
-        passing_set: set[str] | None = None
-        for other in others.values():
-            if wanted & other.biz_names:
-                passing_set = passing_set if passing_set is not None else set(passing)
-                if not passing_set.isdisjoint(other.candidates):
-                    return True
-        for name in passing:
-            base = self.bases.get(name)
-            if base is None or base.max_modules is None:
-                continue
-            usage = self.usage.get(name)
-            used = usage.modules if usage is not None else 0
-            if used + pod.modules + reserve <= base.max_modules:
-                continue
-            if any(name in o.candidates for o in others.values()):
-                return True
-        return False
+        passing_set = set(passing)
+        return any(not passing_set.isdisjoint(o.candidates) for o in others.values())
 
     async def settle(self, pod_key: str, within: float) -> bool:
         """Wait until no other Pod is in flight, or `within` seconds. True when everything settled."""

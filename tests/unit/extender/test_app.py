@@ -164,13 +164,27 @@ async def test_burst_filter_waits_for_the_in_flight_binding(make_client: Any) ->
     assert result["FailedAndUnresolvableNodes"] == {"virtual-node-b": "base at module capacity"}
 
 
-async def test_no_wait_when_in_flight_pods_cannot_change_the_answer(make_client: Any) -> None:
-    view = synced_view(vnode("virtual-node-a", max_modules=10))
+async def test_burst_spreads_because_scores_see_the_in_flight_binding(make_client: Any) -> None:
+    view = synced_view(vnode("virtual-node-a", max_modules=10), vnode("virtual-node-b", max_modules=10))
+    client = await make_client(Extender(view, binder=FakeBinder(), settings=Settings(burst_wait=10)))
+    both = ["virtual-node-a", "virtual-node-b"]
+    await post(client, "/filter", {"Pod": module_pod("m1", bizs=("b1",)), "NodeNames": both})
+    second = asyncio.ensure_future(post(client, "/filter", {"Pod": module_pod("m2", bizs=("b2",)), "NodeNames": both}))
+    await asyncio.wait({second}, timeout=0.2)
+    await post(client, "/bind", {"PodName": "m1", "PodNamespace": "default", "PodUID": "u", "Node": "virtual-node-a"})
+    _, passed = await second
+    assert passed["NodeNames"] == both
+    _, scores = await post(client, "/prioritize", {"Pod": module_pod("m2", bizs=("b2",)), "NodeNames": both})
+    assert scores == [{"Host": "virtual-node-a", "Score": 0}, {"Host": "virtual-node-b", "Score": 10}]
+
+
+async def test_no_wait_when_the_in_flight_pod_cannot_land_on_these_bases(make_client: Any) -> None:
+    view = synced_view(vnode("virtual-node-a"), vnode("virtual-node-b"))
     client = await make_client(Extender(view, binder=FakeBinder(), settings=Settings(burst_wait=30)))
     await post(client, "/filter", {"Pod": module_pod("m1", bizs=("b1",)), "NodeNames": ["virtual-node-a"]})
     _, result = await asyncio.wait_for(
-        post(client, "/filter", {"Pod": module_pod("m2", bizs=("b2",)), "NodeNames": ["virtual-node-a"]}), 5)
-    assert result["NodeNames"] == ["virtual-node-a"]
+        post(client, "/filter", {"Pod": module_pod("m2", bizs=("b2",)), "NodeNames": ["virtual-node-b"]}), 5)
+    assert result["NodeNames"] == ["virtual-node-b"]
 
 
 async def test_a_vnode_the_watch_has_not_delivered_yet_is_waited_for(make_client: Any) -> None:
