@@ -147,13 +147,13 @@ class VirtualNodes:
             await self.client.create(lease_path("kube-node-lease"), lease)
 
     async def _renew_forever(self) -> None:
+        sem = asyncio.Semaphore(32)
+
+        async def one(name: str) -> None:
+            async with sem:
+                with contextlib.suppress(ApiError):
+                    await self._renew(name)
+
         while True:
             await asyncio.sleep(RENEW_EVERY)
-            sem = asyncio.Semaphore(32)
-
-            async def one(name: str) -> None:
-                async with sem:
-                    with contextlib.suppress(ApiError):
-                        await self._renew(name)
-
             await asyncio.gather(*(one(n) for n in list(self.names)), return_exceptions=True)
