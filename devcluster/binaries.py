@@ -3,7 +3,7 @@
 Order: `$KUBEBUILDER_ASSETS` (envtest's convention) for whatever it holds, then the cache
 (`$KOUPLELESS_DEVCLUSTER_CACHE`, default `~/.cache/koupleless/devcluster/<versions>/`), then a build from
 the Go module proxy with the wrapper modules in `devcluster/gobuild/` (python-ecosystem.md §6.3). The
-build takes ~15-25 minutes cold on 2 cores and seconds afterwards; binaries never enter the repo.
+build takes about 7 minutes cold on 2 cores and seconds afterwards; binaries never enter the repo.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _build(directory: Path, missing: list[str], *, progress: bool) -> None:
 
     def run(args: list[str], cwd: Path, what: str) -> None:
         if progress:
-            print(f"devcluster: building {what} (first run only; ~15-25 min on 2 cores)...", file=sys.stderr, flush=True)
+            print(f"devcluster: building {what} (first run only: several minutes)...", file=sys.stderr, flush=True)
         proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
