@@ -531,13 +531,14 @@ class Provider:
                     return 1.0
                 biz = base.bizs.get(desired.biz_key)
                 if biz is not None and biz.state == arklet.ACTIVATED:
+                    # Already there: after a provider restart, or installed for another Pod of the same
+                    # module (a base holds one copy of a version; the Pods share it and the last one
+                    # to go uninstalls it). Adopt it, never reinstall it.
                     if self._held_elsewhere(base, desired.biz_key, key):
-                        msg = (f"{desired.biz_key} is already installed on base {base.base_id} for another Pod; "
-                               "a base holds one copy of a module version")
-                        rec.failed[name] = (desired.biz_key, msg)
-                        self._event(pod, "Warning", "InstallFailed", msg)
-                        continue
-                    rec.installed[name] = desired  # already there (provider restart): adopt, never reinstall
+                        self._event(pod, "Normal", "Installed",
+                                    f"Module {desired.biz_key} is already installed on base {base.base_id} "
+                                    "for another Pod; sharing it")
+                    rec.installed[name] = desired
                     rec.started.setdefault(name, iso((biz.change_time_ms or biz.ts) / 1000))
                     continue
                 self._event(pod, "Normal", "Installing",

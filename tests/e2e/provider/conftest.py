@@ -78,10 +78,12 @@ class System:
                   id_prefix: str | None = None) -> Sim:
         port = free_port()
         label = f"sim-{len(self.processes)}"
+        # Base IDs unique to this test: Node and Lease names never collide with an earlier test's.
+        id_prefix = id_prefix or f"{self.env[3:]}-{name}-{version.replace('.', '-')}-"
         args = [
             *CLI, "base-sim", "--mqtt-broker", self.broker.address, "--env", self.env, "--count", str(count),
             "--name", name, "--version", version, "--heartbeat-interval", "1", "--status-port", str(port),
-            *(["--id-prefix", id_prefix] if id_prefix else []), *extra,
+            "--id-prefix", id_prefix, *extra,
         ]
         proc = ManagedProcess(label, args, self.workdir / f"{label}.log").start()
         self.processes.append(proc)
@@ -106,6 +108,8 @@ class System:
             proc.stop()
         with contextlib.suppress(Exception):
             self.cp.kubectl("delete", "nodes", "-l", f"{keys.LABEL_VNODE_ENV}={self.env}", "--wait=false")
+            self.cp.kubectl("delete", "leases", "-n", "kube-node-lease", "-l", f"{keys.LABEL_VNODE_ENV}={self.env}",
+                            "--wait=false")
 
 
 def node_ready(node: dict[str, Any]) -> str:
