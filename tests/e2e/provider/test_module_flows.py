@@ -3,6 +3,7 @@ take offline."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -82,10 +83,8 @@ def test_rolling_update_and_rollback(system: System, namespace: str) -> None:
     system.cp.kubectl("scale", DEPLOY, "-n", namespace, "--replicas=3")
     ready_pods(system, namespace, 3, URL_V1)
 
-    patch = (
-        '{"spec":{"template":{"spec":{"containers":[{"name":"biz1","image":"%s",'
-        '"env":[{"name":"BIZ_VERSION","value":"0.0.2-SNAPSHOT"}]}]}}}}' % URL_V2
-    )
+    container = {"name": "biz1", "image": URL_V2, "env": [{"name": "BIZ_VERSION", "value": "0.0.2-SNAPSHOT"}]}
+    patch = json.dumps({"spec": {"template": {"spec": {"containers": [container]}}}})
     system.cp.kubectl("patch", DEPLOY, "-n", namespace, "-p", patch)
     system.cp.kubectl("rollout", "status", DEPLOY, "-n", namespace, "--timeout=120s", timeout=130)
     new = ready_pods(system, namespace, 3, URL_V2)
