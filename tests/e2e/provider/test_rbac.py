@@ -1,0 +1,44 @@
+"""The provider runs with the ServiceAccount and RBAC of manifests/provider and nothing more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.provider.conftest import System
+from tests.e2e.provider.modules import pods, running_ready, sample_deployment
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.controlplane
+
+MANIFESTS = Path(__file__).resolve().parents[3] / "manifests" / "provider"
+
+
+def test_provider_works_with_exactly_the_manifest_rbac(system: System, namespace: str) -> None:
+    cp = system.cp
+    ns_yaml = cp.kubectl("create", "namespace", "module-controller", "--dry-run=client", "-o", "yaml").stdout
+    cp.kubectl("apply", "-f", "-", input=ns_yaml)
+    cp.kubectl("apply", "-f", str(MANIFESTS / "serviceaccount.yaml"), "-f", str(MANIFESTS / "rbac.yaml"))
+    token = cp.kubectl("create", "token", "module-controller-provider", "-n", "module-controller",
+                       "--duration=1h").stdout.strip()
+    config = yaml.safe_load(Path(cp.kubeconfig).read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    kubeconfig = system.workdir / "provider.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+
+    system.start_provider("--kubeconfig", str(kubeconfig))
+    sim = system.start_sim(count=2)
+    system.wait_nodes_ready(2)
+    cp.kubectl("apply", "-f", "-", input=sample_deployment(namespace))
+    wait_until(lambda: [p for p in pods(system, namespace) if running_ready(p)], 60, what="module Pod Ready")
+    [pod] = pods(system, namespace)
+    assert "Installed" in cp.kubectl("describe", "pod", pod["metadata"]["name"], "-n", namespace).stdout
+    cp.kubectl("delete", "deployment/test-module-deployment", "-n", namespace)
+    wait_until(lambda: pods(system, namespace) == [], 60, what="Pod finally deleted by the provider")
+    assert all(b["modules"] == [] for b in sim.bases().values())
+    assert system.provider is not None
+    log = (system.workdir / "provider.log").read_text()
+    assert "403" not in log and "Forbidden" not in log, "the provider asked for something RBAC does not grant"
