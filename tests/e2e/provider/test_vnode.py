@@ -70,3 +70,31 @@ def test_silent_base_goes_not_ready_and_comes_back(system: System) -> None:
     )
     sim.restart(victim)
     wait_until(lambda: node_ready(system.kubectl_json("get", "node", node_name)) == "True", 30, what="Ready again")
+
+
+def test_status_command_lists_bases_and_modules(system: System, namespace: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.e2e.provider.modules import pods, running_ready, sample_deployment
+
+    system.start_provider()
+    sim = system.start_sim(count=2)
+    system.wait_nodes_ready(2)
+    system.cp.kubectl("apply", "-f", "-", input=sample_deployment(namespace))
+    wait_until(lambda: [p for p in pods(system, namespace) if running_ready(p)], 60, what="module Ready")
+    [pod] = pods(system, namespace)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "koupleless", "status", "--kubeconfig", str(system.cp.kubeconfig), "--env", system.env],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    lines = out.splitlines()
+    assert lines[0].split() == ["NODE", "BASE", "VERSION", "IP", "READY", "MODULES", "MEMORY"]
+    holder = pod["spec"]["nodeName"]
+    for base_id, base in sim.bases().items():
+        row = next(line for line in lines if line.startswith(keys.vnode_name(base_id)))
+        used = "1/10" if keys.vnode_name(base_id) == holder else "0/10"
+        assert row.split() == [keys.vnode_name(base_id), "base", "1.1.1", base["ip"], "True", used, "4Gi"]
+    module_line = next(line for line in lines if "biz1:0.0.1-SNAPSHOT" in line)
+    assert "running" in module_line and "Ready" in module_line and pod["metadata"]["name"] in module_line
