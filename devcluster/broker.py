@@ -42,6 +42,7 @@ class Broker:
 
     def start(self) -> Broker:
         binary = find_mosquitto()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         conf = self.workdir / "mosquitto.conf"
         lines = [

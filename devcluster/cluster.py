@@ -28,6 +28,11 @@ from devcluster.binaries import Binaries, ensure_binaries
 from devcluster.processes import ManagedProcess, StartError, free_port
 
 
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"kubectl {' '.join(map(str, self.cmd[2:]))} failed (exit {self.returncode}): {self.stderr.strip()}"
+
+
 @dataclass
 class Timings:
     """Node-loss timings of the dev cluster (production defaults in comments)."""
@@ -58,6 +63,7 @@ class ControlPlane:
     def start(self) -> ControlPlane:
         if self.binaries is None:
             self.binaries = ensure_binaries()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self._write_pki()
             self._start_etcd()
@@ -101,7 +107,7 @@ class ControlPlane:
             timeout=timeout,
         )
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+            raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
     def api_get(self, path: str) -> Any:

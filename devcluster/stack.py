@@ -135,7 +135,7 @@ class DevStack:
             "provider",
             self._cli("provider", "--kubeconfig", str(self.plane.kubeconfig), "--mqtt-broker", self.broker.address,
                       "--env", self.options.env, "--max-modules", str(self.options.max_modules),
-                      "--health-port", str(port)),
+                      "--http-host", "127.0.0.1", "--http-port", str(port)),
         )
         proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=30)
 
