@@ -133,11 +133,15 @@ class Extender:
         view = self.view
 
         def run() -> FilterOutcome:
+            if bases is None and view is not None and self.watches_pods:
+                fast = policy.filter_indexed(pod, names, view)
+                if fast is not None:
+                    return fast
             lookup = bases.get if bases is not None else view.bases.get  # type: ignore[union-attr]
             return policy.filter_pod(pod, ((n, lookup(n)) for n in names), usage_of)
 
         if bases is None and view is not None:
-            unknown = [n for n in names if n not in view.bases and n.startswith(keys.VNODE_NAME_PREFIX)]
+            unknown = [n for n in set(names).difference(view.bases.keys()) if n.startswith(keys.VNODE_NAME_PREFIX)]
             if unknown:
                 await view.wait_for_bases(unknown, self.settings.node_wait)
         outcome = run()
@@ -151,7 +155,7 @@ class Extender:
                 view.begin_inflight(pod, outcome.passing)
         for kind, count in outcome.kinds.items():
             REJECTIONS.labels(kind).inc(count)
-        if outcome.failed:
+        if outcome.failed and log.isEnabledFor(logging.DEBUG):
             log.debug("pod %s: %d of %d nodes rejected: %s", pod.key, len(outcome.failed), len(names),
                       policy.fit_error_message(len(names), outcome.failed))
         return wire.filter_result(args, outcome.passing, outcome.failed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,8 @@ class BaseInfo:
     memory: int | None
     #: Modules the provider reports on the Node itself (full-Node mode without a Pod watch).
     annotated_modules: tuple[str, ...] | None = None
+    #: (stack, name, version) labels: bases sharing them answer a module's placement alike.
+    group: tuple[str | None, str | None, str | None] = (None, None, None)
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> BaseInfo:
@@ -73,6 +75,8 @@ class BaseInfo:
             max_modules=quantity_count(allocatable.get(keys.RESOURCE_MODULE)),
             memory=quantity_bytes(allocatable.get("memory")),
             annotated_modules=annotated,
+            group=(labels.get(keys.LABEL_BASE_STACK), labels.get(keys.LABEL_BASE_NAME),
+                   labels.get(keys.LABEL_BASE_VERSION)),
         )
 
 
@@ -153,10 +157,14 @@ class Usage:
     Keyed by Pod (`ns/name`), so a Pod seen both as assumed and then from the watch counts once.
     """
 
-    def __init__(self, assume_ttl: float = 30.0) -> None:
+    def __init__(self, assume_ttl: float = 30.0, on_change: Callable[[str], None] | None = None) -> None:
         self.assume_ttl = assume_ttl
         self._placed: dict[str, Placed] = {}
         self._by_node: dict[str, BaseUsage] = {}
+        #: bizName -> bases holding it: the duplicate check as one set intersection.
+        self.biz_nodes: dict[str, set[str]] = {}
+        #: Called with a base's name whenever its module count changes.
+        self.on_change = on_change
 
     def __len__(self) -> int:
         return len(self._placed)
@@ -169,27 +177,40 @@ class Usage:
 
     def _add(self, key: str, placed: Placed) -> None:
         self._placed[key] = placed
-        usage = self._by_node.get(placed.node)
+        node = placed.node
+        usage = self._by_node.get(node)
         if usage is None:
-            usage = self._by_node[placed.node] = BaseUsage()
+            usage = self._by_node[node] = BaseUsage()
         usage.modules += len(placed.biz_names)
         usage.memory += placed.memory
-        usage.biz_names.update(placed.biz_names)
+        for name in placed.biz_names:
+            if usage.biz_names[name] <= 0:
+                self.biz_nodes.setdefault(name, set()).add(node)
+            usage.biz_names[name] += 1
+        if self.on_change is not None:
+            self.on_change(node)
 
     def _remove(self, key: str) -> None:
         placed = self._placed.pop(key, None)
         if placed is None:
             return
-        usage = self._by_node[placed.node]
+        node = placed.node
+        usage = self._by_node[node]
         usage.modules -= len(placed.biz_names)
         usage.memory -= placed.memory
-        usage.biz_names.subtract(placed.biz_names)
-        if usage.modules <= 0 and usage.memory <= 0:
-            del self._by_node[placed.node]
-        else:
-            for name in placed.biz_names:
-                if usage.biz_names[name] <= 0:
-                    del usage.biz_names[name]
+        for name in placed.biz_names:
+            usage.biz_names[name] -= 1
+            if usage.biz_names[name] <= 0:
+                del usage.biz_names[name]
+                holders = self.biz_nodes.get(name)
+                if holders is not None:
+                    holders.discard(node)
+                    if not holders:
+                        del self.biz_nodes[name]
+        if usage.modules <= 0 and usage.memory <= 0 and not usage.biz_names:
+            del self._by_node[node]
+        if self.on_change is not None:
+            self.on_change(node)
 
     def observe(self, pod: ModulePod) -> None:
         """A Pod as the watch shows it now (added or updated)."""

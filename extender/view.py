@@ -32,15 +32,29 @@ class InFlight:
         return self.pod.modules
 
 
+#: Bases with fewer free module slots than this are indexed by their free slots, so "too full for a
+#: Pod bringing k modules" is a union of k sets. Pods bringing more modules take the slow path.
+SLOT_INDEX = 8
+
+Group = tuple[str | None, str | None, str | None]
+
+
 class ClusterView:
     def __init__(self, *, assume_ttl: float = 30.0, inflight_ttl: float = 2.0) -> None:
         self.bases: dict[str, BaseInfo] = {}
-        self.usage = Usage(assume_ttl=assume_ttl)
+        self.usage = Usage(assume_ttl=assume_ttl, on_change=self._reslot)
         self.inflight_ttl = inflight_ttl
         self._inflight: dict[str, InFlight] = {}
         self._changed = asyncio.Event()
         #: Both watches have delivered their first full list.
         self.synced = False
+        # Indexes for the filter's set-at-a-time path (see policy.filter_indexed).
+        self.groups: dict[Group, set[str]] = {}
+        self.not_ready: set[str] = set()
+        self.not_vnodes: set[str] = set()
+        #: free module slots (0..SLOT_INDEX-1) -> bases; bases with more, or no limit, are absent.
+        self.slots: dict[int, set[str]] = {}
+        self._slot_of: dict[str, int] = {}
 
     # --- bases ---------------------------------------------------------------------------------
 
@@ -54,16 +68,57 @@ class ClusterView:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _reslot(self, name: str) -> None:
+        base = self.bases.get(name)
+        slot: int | None = None
+        if base is not None and base.max_modules is not None:
+            usage = self.usage.get(name)
+            free = base.max_modules - (usage.modules if usage is not None else 0)
+            slot = max(free, 0) if free < SLOT_INDEX else None
+        old = self._slot_of.get(name)
+        if old == slot:
+            return
+        if old is not None:
+            members = self.slots[old]
+            members.discard(name)
+            if not members:
+                del self.slots[old]
+            del self._slot_of[name]
+        if slot is not None:
+            self.slots.setdefault(slot, set()).add(name)
+            self._slot_of[name] = slot
+
+    def _unindex(self, info: BaseInfo) -> None:
+        members = self.groups.get(info.group)
+        if members is not None:
+            members.discard(info.name)
+            if not members:
+                del self.groups[info.group]
+        self.not_ready.discard(info.name)
+        self.not_vnodes.discard(info.name)
+
     def upsert_node(self, node: Mapping[str, Any]) -> None:
         info = BaseInfo.from_node(node)
-        if info.name:
-            is_new = info.name not in self.bases
-            self.bases[info.name] = info
-            if is_new:
-                self._notify()
+        if not info.name:
+            return
+        old = self.bases.get(info.name)
+        if old is not None:
+            self._unindex(old)
+        self.bases[info.name] = info
+        self.groups.setdefault(info.group, set()).add(info.name)
+        if not info.ready:
+            self.not_ready.add(info.name)
+        if not info.is_vnode:
+            self.not_vnodes.add(info.name)
+        self._reslot(info.name)
+        if old is None:
+            self._notify()
 
     def remove_node(self, node: Mapping[str, Any]) -> None:
-        self.bases.pop(BaseInfo.from_node(node).name, None)
+        info = self.bases.pop(BaseInfo.from_node(node).name, None)
+        if info is not None:
+            self._unindex(info)
+            self._reslot(info.name)
 
     async def wait_for_bases(self, names: Iterable[str], within: float) -> None:
         """Until every name is a known base, or `within` seconds (a Node the scheduler already sees

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extender import policy
 from extender.state import ANNOTATION_NODE_MODULES, BaseInfo, ModulePod, Usage
+from extender.view import ClusterView
 from koupleless import keys
 from tests.unit.extender.samples import module_pod, plain_pod, real_node, vnode
 
@@ -214,3 +217,45 @@ def test_module_capacity_reads_any_quantity_spelling(quantity: str) -> None:
     node = vnode("a")
     node["status"]["allocatable"][keys.RESOURCE_MODULE] = quantity
     assert BaseInfo.from_node(node).max_modules == 2
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> tuple[ClusterView, dict, list[str]]:
+    view = ClusterView()
+    n = draw(st.integers(0, 12))
+    for i in range(n):
+        view.upsert_node(vnode(f"v{i}", version=draw(st.sampled_from(["1.1.1", "2"])),
+                               base=draw(st.sampled_from(["base", "other"])), ready=draw(st.booleans()),
+                               max_modules=draw(st.none() | st.integers(0, 3)),
+                               memory=draw(st.none() | st.sampled_from(["512Mi", "2Gi"]))))
+    for j in range(draw(st.integers(0, 15))):
+        view.observe_pod(module_pod(f"p{j}", bizs=tuple(draw(st.lists(st.sampled_from(["b1", "b2", "b3"]),
+                                                                      min_size=1, max_size=2, unique=True))),
+                                    node=f"v{draw(st.integers(0, max(n - 1, 0)))}",
+                                    memory=draw(st.none() | st.just("256Mi")), phase="Running"))
+    pod = module_pod("m", bizs=tuple(draw(st.lists(st.sampled_from(["b1", "b2", "b4"]), min_size=1, max_size=3,
+                                                   unique=True))),
+                     versions=tuple(draw(st.lists(st.sampled_from(["1.1.1", "2", "3"]), min_size=1, max_size=2))),
+                     memory=draw(st.none() | st.sampled_from(["256Mi", "1Gi"])))
+    names = draw(st.lists(st.sampled_from([f"v{i}" for i in range(n + 2)] + ["worker"]), unique=True))
+    return view, pod, names
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=clusters())
+def test_the_indexed_filter_answers_exactly_like_the_per_node_filter(case: tuple[ClusterView, dict, list[str]]) -> None:
+    view, raw_pod, names = case
+    pod = ModulePod.from_pod(raw_pod)
+    fast = policy.filter_indexed(pod, names, view)
+    assert fast is not None
+    slow = policy.filter_pod(pod, [(n, view.bases.get(n)) for n in names], view.usage_of)
+    assert sorted(fast.passing) == sorted(slow.passing)
+    assert fast.failed == slow.failed
+    assert fast.kinds == slow.kinds
+
+
+def test_placement_on_other_labels_takes_the_per_node_path() -> None:
+    view = ClusterView()
+    pod = ModulePod.from_pod(module_pod("m", extra_expressions=[
+        {"key": keys.LABEL_HOSTNAME, "operator": "In", "values": ["a"]}]))
+    assert policy.filter_indexed(pod, ["a"], view) is None
