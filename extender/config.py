@@ -101,6 +101,7 @@ def scheduler_configuration(
     kubeconfig: str | None = None,
     leader_elect: bool = True,
     default_profile: bool = True,
+    lock_namespace: str = "kube-system",
     **entry_options: Any,
 ) -> dict[str, Any]:
     """A whole KubeSchedulerConfiguration: the default profile (unchanged) and the module profile,
@@ -117,7 +118,7 @@ def scheduler_configuration(
     }
     if not default_profile:
         config["leaderElection"]["resourceName"] = MODULE_SCHEDULER_NAME
-        config["leaderElection"]["resourceNamespace"] = "kube-system"
+        config["leaderElection"]["resourceNamespace"] = lock_namespace
     if kubeconfig:
         config["clientConnection"] = {"kubeconfig": kubeconfig}
     return config

@@ -7,18 +7,21 @@ import json
 import sys
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
-from extender.config import MODULE_SCHEDULER_NAME, extender_entry, module_profile
+from extender.config import MODULE_SCHEDULER_NAME
 from koupleless import keys
 from tests.e2e.extender.vnodes import VirtualNodes
 from tests.unit.extender.samples import SEED_JAR
 
 CLI = [sys.executable, "-m", "koupleless"]
+MANIFESTS = Path(__file__).resolve().parents[3] / "manifests" / "scheduler"
 
 
 def _http_ok(port: int, path: str) -> bool:
@@ -40,26 +43,55 @@ class RunningExtender:
         return self.process.log_path.read_text(errors="replace")
 
 
-def start_extender(cp: ControlPlane, *extra: str, name: str = "extender") -> RunningExtender:
+def start_extender(cp: ControlPlane, *extra: str, name: str = "extender",
+                   kubeconfig: Path | None = None) -> RunningExtender:
     port = free_port()
-    args = [*CLI, "extender", "--kubeconfig", str(cp.kubeconfig), "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "debug", *extra]
+    kube = ["--kubeconfig", str(kubeconfig or cp.kubeconfig)] if "--no-kube" not in extra else []
+    args = [*CLI, "extender", *kube, "--host", "127.0.0.1", "--port", str(port), "--log-level", "debug", *extra]
     proc = ManagedProcess(name, args, cp.workdir / "logs" / f"{name}-{port}.log").start()
     proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=60)
     return RunningExtender(proc, port)
 
 
+def manifest_kubeconfig(cp: ControlPlane) -> Path:
+    """A kubeconfig for the extender's ServiceAccount with exactly the RBAC of manifests/scheduler."""
+    ns_yaml = cp.kubectl("create", "namespace", "module-controller", "--dry-run=client", "-o", "yaml").stdout
+    cp.kubectl("apply", "-f", "-", input=ns_yaml)
+    cp.kubectl("apply", "-f", str(MANIFESTS / "serviceaccount.yaml"), "-f", str(MANIFESTS / "rbac.yaml"))
+    token = cp.kubectl("create", "token", "module-controller-extender", "-n", "module-controller",
+                       "--duration=2h").stdout.strip()
+    config = yaml.safe_load(Path(cp.kubeconfig).read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    path = cp.workdir / "extender.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def manifest_scheduler_config(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The extender entries and module profile of manifests/scheduler/kube-scheduler-config.yaml,
+    pointed at `url`: the real kube-scheduler validates the shipped configuration in every run."""
+    config = yaml.safe_load((MANIFESTS / "kube-scheduler-config.yaml").read_text())
+    extenders = [{**entry, "urlPrefix": url} for entry in config["extenders"]]
+    profiles = [p for p in config["profiles"] if p["schedulerName"] != "default-scheduler"]
+    assert [p["schedulerName"] for p in profiles] == [MODULE_SCHEDULER_NAME]
+    return extenders, profiles
+
+
 @pytest.fixture(scope="module")
 def extender(control_plane: ControlPlane) -> Iterator[RunningExtender]:
-    """One extender (spread) registered with the session's kube-scheduler for this module's tests;
-    the default scheduler comes back afterwards, for everyone else."""
-    running = start_extender(control_plane)
-    control_plane.start_scheduler(extenders=[extender_entry(running.url)], extra_profiles=[module_profile()])
+    """One extender (spread, the manifest's RBAC) registered with the session's kube-scheduler as the
+    manifest registers it, for this module's tests; the default scheduler comes back afterwards."""
+    running = start_extender(control_plane, kubeconfig=manifest_kubeconfig(control_plane))
+    extenders, profiles = manifest_scheduler_config(running.url)
+    control_plane.start_scheduler(extenders=extenders, extra_profiles=profiles)
     try:
         yield running
     finally:
         control_plane.start_scheduler()
         running.process.stop()
+        log = running.log()
+        assert "403" not in log and "Forbidden" not in log, "the extender needed more than its manifest RBAC"
 
 
 @pytest.fixture

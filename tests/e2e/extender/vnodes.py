@@ -67,20 +67,20 @@ class VirtualNodes:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vnodes", daemon=True)
         self._thread.start()
-        self.client: KubeClient = self._run(self._make_client())
+        self.client: KubeClient = self.run(self._make_client())
         self._renewer = asyncio.run_coroutine_threadsafe(self._renew_forever(), self._loop)
 
     async def _make_client(self) -> KubeClient:
         return KubeClient.from_kubeconfig(str(self.kubeconfig), qps=None)
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     # --- what tests call ---------------------------------------------------------------------
 
     def add(self, name: str, *, base: str, version: str = "1.1.1", max_modules: int = 2,
             memory: str = "4Gi") -> None:
-        self._run(self._add(name, base, version, max_modules, memory))
+        self.run(self._add(name, base, version, max_modules, memory))
 
     def add_many(self, names: list[str], **kwargs: Any) -> None:
         async def all_of() -> None:
@@ -93,7 +93,7 @@ class VirtualNodes:
 
             await asyncio.gather(*(one(n) for n in names))
 
-        self._run(all_of(), timeout=600)
+        self.run(all_of(), timeout=600)
 
     def delete_all(self) -> None:
         async def delete() -> None:
@@ -108,13 +108,13 @@ class VirtualNodes:
 
             await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
 
-        self._run(delete(), timeout=600)
+        self.run(delete(), timeout=600)
 
     def close(self) -> None:
         self._renewer.cancel()
         with contextlib.suppress(Exception):
             self.delete_all()
-        self._run(self.client.close())
+        self.run(self.client.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
