@@ -45,6 +45,8 @@ INSTALL_RESULTS = Counter("koupleless_provider_install_results_total", "installB
 POD_SYNC_SECONDS = Histogram("koupleless_provider_pod_sync_seconds", "Time to sync one Pod")
 
 COMPONENT = "koupleless-provider"
+#: How long a fresh Pod's "Installing" status waits for the base's answer before it is written.
+STATUS_GRACE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,7 @@ class Provider:
         elif op.success or "NOT_FOUND" in op.message.upper():
             base.bizs.pop(op.key, None)
         pod_key = base.pending.pop((op.command, op.key), None)
+        log.debug("%s %s on %s: %s (for %s)", op.command, op.key, base.base_id, op.code, pod_key or "nobody")
         if pod_key:
             self._settle(pod_key, base, op)
         self._enqueue_pods_on(base.node_name)
@@ -458,7 +461,12 @@ class Provider:
             return await self._sync_deleting(key, pod, rec, base)
         if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             return None
+        sent_before = len(base.pending)
         delay = self._drive(key, pod, rec, base)
+        if len(base.pending) > sent_before and not rec.last_written:
+            # Most installs answer within milliseconds: writing "Installing" first would put a
+            # second etcd write in front of "Ready". Show it only if the base is still busy soon.
+            return min(delay or STATUS_GRACE_S, STATUS_GRACE_S)
         await self._write_status(key, pod, rec, base)
         return delay
 
@@ -564,9 +572,11 @@ class Provider:
         if not status_changed(current, status) or (last is not None and not status_changed(last, status)):
             return
         meta = pod.get("metadata") or {}
+        started = time.monotonic()
         try:
             await self.kube.patch(pod_path(meta.get("namespace"), meta.get("name")), {"status": status},
                                   "strategic", subresource="status")
+            log.debug("pod %s status %s written in %.1f ms", key, status["phase"], (time.monotonic() - started) * 1000)
             API_WRITES.labels("pod_status").inc()
             rec.last_written = status
         except ApiError as exc:

@@ -1,0 +1,277 @@
+"""Provider at scale: a real control plane, mosquitto, the provider as a subprocess, and an instrumented
+fleet of simulated bases in this process.
+
+Measured, side by side in one run:
+  1. bases registered per second: N bases start; time until N virtual Nodes are Ready;
+  2. hop A, Pod bound -> installBiz published: one module Pod per base, created already bound
+     (spec.nodeName); from the API server acknowledging the create to the base receiving installBiz
+     (loopback MQTT, so receipt ~ publish; watch delivery to the provider included);
+  3. hop B, ACTIVATED report -> Pod Ready: from the base publishing its install reply to this
+     process's watch seeing Ready=True (watch delivery included: an upper bound);
+  4. the provider's RSS and CPU with --scale-bases bases and --scale-modules modules (Pods of
+     --containers-per-pod modules), in a steady window with heartbeats and Lease renewals running.
+Targets from issue 4 are printed beside each figure as a ratio (figure / target; <= 1 meets it).
+
+    python bench/provider_scale.py                      # 200 bases; 1,000 bases / 5,000 modules
+    python bench/provider_scale.py --bases 50 --scale-bases 200 --scale-modules 500   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devcluster.broker import Broker
+from devcluster.cluster import ControlPlane
+from devcluster.processes import ManagedProcess, free_port
+from koupleless import arklet, keys
+from koupleless.kube import Informer, KubeClient, namespace_path, node_path, pod_path
+from provider.basesim import BaseSimulator, SimBase
+from provider.tunnel import BrokerOptions
+
+ENV = "bench"
+
+
+class TimedFleet(BaseSimulator):
+    """base-sim that notes when each installBiz arrives and when each reply leaves."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.install_received: dict[tuple[str, str], float] = {}
+        self.reply_sent: dict[tuple[str, str], float] = {}
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        now = time.monotonic()
+        if topic.endswith("/" + arklet.CMD_INSTALL_BIZ):
+            base_id = topic.split("/")[1]
+            try:
+                name = arklet.parse_biz_model(payload).biz_name
+                self.install_received.setdefault((base_id, name), now)
+            except arklet.ArkletError:
+                pass
+        super()._on_message(topic, payload)
+
+    def _install(self, base: SimBase, model: arklet.BizModel) -> None:
+        super()._install(base, model)
+        self.reply_sent[(base.base_id, model.biz_name)] = time.monotonic()
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def module_pod(ns: str, name: str, node: str, containers: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {keys.LABEL_COMPONENT: "module", "bench": "1"}},
+        "spec": {
+            "nodeName": node,
+            "tolerations": [keys.vnode_toleration()],
+            "containers": [
+                {
+                    "name": f"biz{i}",
+                    "image": f"https://example.com/modules/biz{i}-1.0.{i}-ark-biz.jar",
+                    "env": [{"name": "BIZ_VERSION", "value": f"1.0.{i}"}],
+                }
+                for i in range(containers)
+            ],
+        },
+    }
+
+
+def proc_stats(pid: int) -> tuple[float, float, float]:
+    """(RSS MiB, peak RSS MiB, CPU seconds user+system) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = {k: v.split()[0] for k, _, v in (line.partition(":") for line in status.splitlines()) if v.split()}
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields["VmRSS"]) / 1024, int(fields["VmHWM"]) / 1024, (int(stat[11]) + int(stat[12])) / ticks
+
+
+def _http_ok(port: int) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+        return bool(resp.status == 200)
+
+
+def ready(obj: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in (obj.get("status") or {}).get("conditions") or []
+    )
+
+
+async def wait_for(check: Any, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def create_pods(
+    client: KubeClient, pods: list[dict[str, Any]], concurrency: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Create; (send time, acknowledged time) per Pod name."""
+    sent: dict[str, float] = {}
+    acked: dict[str, float] = {}
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(p: dict[str, Any]) -> None:
+        async with sem:
+            sent[p["metadata"]["name"]] = time.monotonic()
+            await client.create(pod_path(p["metadata"]["namespace"]), p)
+            acked[p["metadata"]["name"]] = time.monotonic()
+
+    await asyncio.gather(*(one(p) for p in pods))
+    return sent, acked
+
+
+async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:
+    client = KubeClient.from_kubeconfig(str(cp.kubeconfig), qps=None)
+    ns = f"bench-{os.getpid()}"
+    await client.create(namespace_path(), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    nodes = Informer(client, node_path(), label_selector=f"{keys.LABEL_VNODE_ENV}={ENV}", name="bench-nodes")
+    pods = Informer(client, pod_path(ns), name="bench-pods")
+    pod_ready_at: dict[str, float] = {}
+
+    def on_pod(obj: dict[str, Any]) -> None:
+        if ready(obj):
+            pod_ready_at.setdefault(obj["metadata"]["name"], time.monotonic())
+
+    pods.add_handler(on_pod, lambda _o, n: on_pod(n))
+    nodes.start()
+    pods.start()
+    await asyncio.gather(nodes.wait_synced(), pods.wait_synced())
+
+    http_port = free_port()
+    provider = ManagedProcess(
+        "provider",
+        [
+            sys.executable, "-m", "koupleless", "provider", "--kubeconfig", str(cp.kubeconfig),
+            "--mqtt-broker", broker.address, "--env", ENV, "--identity", "bench-provider",
+            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--workers", str(args.workers),
+            "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
+        ],
+        Path(args.workdir) / "provider.log",
+    ).start()
+    opts = BrokerOptions(broker.host, broker.port)
+    fleets: list[TimedFleet] = []
+    try:
+        await asyncio.to_thread(provider.wait_ready, lambda: _http_ok(http_port), 60)
+        fleet = TimedFleet(opts, env=ENV, count=args.bases, id_prefix="b-", heartbeat_interval=10.0)
+        fleets.append(fleet)
+        t0 = time.monotonic()
+        await fleet.start()
+        took = await wait_for(lambda: sum(ready(n) for n in nodes.list()) >= args.bases, 300, f"{args.bases} Ready Nodes")
+        rate = args.bases / took
+        print(f"[1] {args.bases} bases Ready in {took:.1f}s: {rate:.0f} bases/s (from base-sim start, {time.monotonic()-t0:.1f}s)")
+
+        # hop A and B: one single-module Pod per base
+        node_names = sorted(keys.vnode_name(b) for b in fleet.bases)
+        batch = [module_pod(ns, f"m-{i}", node, 1) for i, node in enumerate(node_names)]
+        sent, acked = await create_pods(client, batch, args.hop_concurrency)
+        await wait_for(lambda: len(pod_ready_at) >= len(batch), 300, "module Pods Ready")
+        hop_a, hop_b, api = [], [], []
+        for i, node in enumerate(node_names):
+            base_id = node[len(keys.VNODE_NAME_PREFIX):]
+            name = f"m-{i}"
+            hop_a.append((fleet.install_received[(base_id, "biz0")] - acked[name]) * 1000)
+            api.append((acked[name] - sent[name]) * 1000)
+            hop_b.append((pod_ready_at[name] - fleet.reply_sent[(base_id, "biz0")]) * 1000)
+        print(f"[2] for scale: API server create round trip (one etcd write) p50={pct(api, 50):6.1f} ms  "
+              f"p99={pct(api, 99):6.1f} ms")
+        for label, values in (("A bound -> installBiz", hop_a), ("B ACTIVATED -> Ready", hop_b)):
+            p50, p99 = pct(values, 50), pct(values, 99)
+            print(f"[2] hop {label:<22} n={len(values)} p50={p50:6.1f} ms  p99={p99:6.1f} ms  "
+                  f"(target p99 <= 100 ms: ratio {p99 / 100:.2f})")
+
+        # scale: more bases, more modules
+        extra = args.scale_bases - args.bases
+        if extra > 0:
+            more = TimedFleet(opts, env=ENV, count=extra, id_prefix="s-", heartbeat_interval=10.0)
+            fleets.append(more)
+            t1 = time.monotonic()
+            await more.start()
+            took = await wait_for(lambda: sum(ready(n) for n in nodes.list()) >= args.scale_bases, 600,
+                                  f"{args.scale_bases} Ready Nodes")
+            print(f"[3] +{extra} bases Ready in {took:.1f}s ({extra / took:.0f} bases/s); "
+                  f"{args.scale_bases} bases total (target 1,000 within 60 s)  [{time.monotonic()-t1:.1f}s]")
+        all_nodes = sorted(keys.vnode_name(b) for f in fleets for b in f.bases)
+        have = len(batch)
+        want_pods = max(0, (args.scale_modules - have) // args.containers_per_pod)
+        big = [module_pod(ns, f"s-{i}", all_nodes[i % len(all_nodes)], args.containers_per_pod)
+               for i in range(want_pods)]
+        t2 = time.monotonic()
+        await create_pods(client, big, args.concurrency)
+        total_pods = have + len(big)
+        took = await wait_for(lambda: len(pod_ready_at) >= total_pods, 900, f"{total_pods} Pods Ready")
+        modules = have + len(big) * args.containers_per_pod
+        print(f"[4] {modules} modules in {total_pods} Pods on {len(all_nodes)} bases Ready in "
+              f"{time.monotonic() - t2:.1f}s ({took:.1f}s after the last create)")
+
+        rss0, _, cpu0 = proc_stats(provider.pid or 0)
+        w0 = time.monotonic()
+        await asyncio.sleep(args.steady_seconds)
+        rss1, peak, cpu1 = proc_stats(provider.pid or 0)
+        cpu_pct = (cpu1 - cpu0) / (time.monotonic() - w0) * 100
+        print(f"[5] provider at {len(all_nodes)} bases / {modules} modules, steady {args.steady_seconds:.0f}s: "
+              f"RSS {rss1:.0f} MiB (peak {peak:.0f} MiB; target <= 400 MiB: ratio {peak / 400:.2f}), "
+              f"CPU {cpu_pct:.0f}% of one core")
+        not_ready = [n["metadata"]["name"] for n in nodes.list() if not ready(n)]
+        print(f"    Nodes not Ready at the end: {len(not_ready)}; module Pods Ready: {len(pod_ready_at)}/{total_pods}")
+        del rss0
+    finally:
+        for f in fleets:
+            await f.stop(graceful=False)
+        provider.stop()
+        await nodes.stop()
+        await pods.stop()
+        try:
+            await client.delete(namespace_path(ns))
+        finally:
+            await client.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bases", type=int, default=200)
+    parser.add_argument("--scale-bases", type=int, default=1000)
+    parser.add_argument("--scale-modules", type=int, default=5000)
+    parser.add_argument("--containers-per-pod", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=16, help="parallel Pod creates")
+    parser.add_argument("--hop-concurrency", type=int, default=1,
+                        help="parallel creates while measuring the hops (1: one Pod at a time, no queueing)")
+    parser.add_argument("--workers", type=int, default=32, help="provider --workers")
+    parser.add_argument("--kube-qps", type=float, default=400.0, help="provider --kube-qps")
+    parser.add_argument("--provider-log-level", default="warning")
+    parser.add_argument("--steady-seconds", type=float, default=30.0)
+    parser.add_argument("--workdir", default="/tmp/koupleless-bench-provider")
+    args = parser.parse_args()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    cp = ControlPlane().start()
+    broker = Broker().start()
+    try:
+        import uvloop
+
+        uvloop.run(bench(args, cp, broker))
+    finally:
+        broker.stop()
+        cp.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
