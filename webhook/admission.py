@@ -13,6 +13,7 @@ from typing import Any, Literal
 from koupleless import model
 from webhook.defaults import Defaults, default_ops
 from webhook.patch import Op, encode
+from webhook.workloads import WORKLOAD_KINDS, align_selector, module_template_labels
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
@@ -93,7 +94,11 @@ def response_document(uid: str, decision: Decision) -> dict[str, Any]:
 def decide(review: Review, defaults: Defaults) -> Decision:
     request = review.request
     operation = review.operation
-    if operation not in ("CREATE", "UPDATE") or request.get("subResource") or not _is_pod(request):
+    if operation not in ("CREATE", "UPDATE") or request.get("subResource"):
+        return Decision("allowed")
+    if not _is_pod(request):
+        if _is_workload(request):
+            return _decide_workload(request.get("object"))
         return Decision("allowed")
     pod = request.get("object")
     if not isinstance(pod, dict):
@@ -128,6 +133,29 @@ def _decide_update(pod: Mapping[str, Any], old: Any, problems: list[model.Proble
     if errors:
         return _deny(errors)
     return _allow([], model.warnings(new))
+
+
+def _decide_workload(workload: Any) -> Decision:
+    """A Deployment / ReplicaSet / StatefulSet / DaemonSet of modules: its selector is aligned with
+    the template (webhook.workloads), and what is wrong with the template comes back as warnings,
+    so `kubectl apply` shows it at once. It is not rejected: Kubernetes reports Pod problems on the
+    ReplicaSet (FailedCreate), with the Pod webhook's message."""
+    if not isinstance(workload, dict):
+        return _error("request.object", "is not a workload object", "send the object being admitted")
+    if module_template_labels(workload) is None:
+        return Decision("allowed")
+    ops, warnings = align_selector(workload)
+    spec = workload.get("spec")
+    template = spec.get("template") if isinstance(spec, dict) else None
+    if isinstance(template, dict):
+        problems = model.validate_pod(template, stack_defaulted=True)
+        warnings += [f"spec.template.{p}" for p in problems if p.severity == "error"]
+    return Decision("patched" if ops else "allowed", ops=ops, warnings=warnings)
+
+
+def _is_workload(request: Mapping[str, Any]) -> bool:
+    kind = request.get("kind")
+    return isinstance(kind, dict) and kind.get("group") == "apps" and kind.get("kind") in WORKLOAD_KINDS
 
 
 def _is_pod(request: Mapping[str, Any]) -> bool:

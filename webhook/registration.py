@@ -18,11 +18,24 @@ DEFAULT_NAME = "module-controller-webhook"
 #: Both appear in every rejection: `admission webhook "<name>" denied the request: ...`.
 WEBHOOK_NAME = "pods.module-controller.koupleless.io"
 LEGACY_WEBHOOK_NAME = "legacy-pods.module-controller.koupleless.io"
+WORKLOAD_WEBHOOK_NAME = "workloads.module-controller.koupleless.io"
+WORKLOAD_RESOURCES = ("deployments", "replicasets", "statefulsets", "daemonsets")
 DEFAULT_NAMESPACE = "module-controller"
 #: Namespaces never sent to the webhook: the control plane's own, so a dead webhook cannot stop
 #: the cluster from healing itself (k8s-protocols.md §6, pitfalls 9 and 10).
 SYSTEM_NAMESPACES = ("kube-system", "kube-node-lease")
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+_TEMPLATE_LABELS = "object.spec.template.metadata.labels"
+_MODULE_TEMPLATE_CEL = (
+    f"has({_TEMPLATE_LABELS}) && ("
+    + " || ".join(
+        f"('{key}' in {_TEMPLATE_LABELS} && {_TEMPLATE_LABELS}['{key}'] == '{keys.COMPONENT_MODULE}')"
+        for key in keys.MODULE_LABEL_KEYS
+    )
+    + ")"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +60,8 @@ def webhook_configuration(
     timeout_seconds: int = 5,
     failure_policy: str = "Fail",
 ) -> dict[str, Any]:
-    """A MutatingWebhookConfiguration for module Pods, on CREATE and UPDATE.
+    """A MutatingWebhookConfiguration for module Pods, and for workloads whose template is one, on
+    CREATE and UPDATE.
 
     An objectSelector cannot OR two label keys, so the seed's key and the reference's legacy key get
     one webhook each; the legacy one skips Pods that also carry the seed's key, so no Pod is admitted
@@ -69,7 +83,12 @@ def webhook_configuration(
     legacy = {"key": keys.LABEL_COMPONENT_LEGACY, "operator": "In", "values": [keys.COMPONENT_MODULE]}
     not_module = {"key": keys.LABEL_COMPONENT, "operator": "NotIn", "values": [keys.COMPONENT_MODULE]}
 
-    def entry(webhook_name: str, selector: list[dict[str, Any]]) -> dict[str, Any]:
+    def entry(
+        webhook_name: str,
+        selector: list[dict[str, Any]],
+        group: str = "",
+        resources: Iterable[str] = ("pods",),
+    ) -> dict[str, Any]:
         return {
             "name": webhook_name,
             "admissionReviewVersions": ["v1"],
@@ -77,9 +96,9 @@ def webhook_configuration(
             "rules": [
                 {
                     "operations": ["CREATE", "UPDATE"],
-                    "apiGroups": [""],
+                    "apiGroups": [group],
                     "apiVersions": ["v1"],
-                    "resources": ["pods"],
+                    "resources": list(resources),
                     "scope": "Namespaced",
                 }
             ],
@@ -97,9 +116,19 @@ def webhook_configuration(
             "reinvocationPolicy": "IfNeeded",
         }
 
+    # A workload's own labels say nothing about its Pods, so no objectSelector can pick module
+    # workloads; a CEL match condition on the template's labels does, and keeps every other
+    # Deployment in the cluster away from this webhook.
+    workloads = entry(WORKLOAD_WEBHOOK_NAME, [], group="apps", resources=WORKLOAD_RESOURCES)
+    del workloads["objectSelector"]
+    workloads["matchConditions"] = [{"name": "module-pod-template", "expression": _MODULE_TEMPLATE_CEL}]
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "module-controller-webhook"}},
-        "webhooks": [entry(WEBHOOK_NAME, [module]), entry(LEGACY_WEBHOOK_NAME, [legacy, not_module])],
+        "webhooks": [
+            entry(WEBHOOK_NAME, [module]),
+            entry(LEGACY_WEBHOOK_NAME, [legacy, not_module]),
+            workloads,
+        ],
     }

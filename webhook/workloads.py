@@ -54,8 +54,8 @@ def align_selector(workload: Mapping[str, Any]) -> tuple[list[Op], list[str]]:
     ops: list[Op] = []
     warnings: list[str] = []
     for key, wanted in match_labels.items():
-        if not isinstance(key, str):
-            continue
+        if not isinstance(key, str) or not key or not isinstance(wanted, str):
+            continue  # not a label the apiserver would accept; its validation says so
         actual = labels.get(key)
         if actual is None:
             ops.append(add(pointer("spec", "template", "metadata", "labels", key), wanted))

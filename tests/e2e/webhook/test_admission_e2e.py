@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from devcluster.cluster import ControlPlane
 from koupleless import keys
@@ -25,6 +27,7 @@ DENIED = re.compile(
     r"e\.g\. 0\.0\.1-SNAPSHOT"
 )
 UNINFERABLE_JAR = "https://repo.example.com/modules/biz1.jar"
+SAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "samples" / "module-deployment.yaml"
 
 
 def no_version(pod: dict[str, Any]) -> dict[str, Any]:
@@ -124,12 +127,32 @@ def test_seed_deployment_stripped_of_defaults_is_stored_with_them_restored(
     assert eviction == [(keys.TAINT_NOT_READY, EVICTION_SECONDS), (keys.TAINT_UNREACHABLE, EVICTION_SECONDS)]
 
 
-def test_the_seed_deployment_runs_unchanged(control_plane: ControlPlane, webhook_namespace: str) -> None:
-    apply(control_plane, webhook_namespace, copy.deepcopy(SEED_DEPLOYMENT) | {"metadata": {"name": "seed"}})
+def test_the_seed_sample_runs_as_written(control_plane: ControlPlane, webhook_namespace: str) -> None:
+    """manifests/samples/module-deployment.yaml is the seed's text; only its `namespace: default` is
+    dropped so it lands in the test's namespace. Its selector does not match its template: the
+    webhook aligns it and says so."""
+    sample = yaml.safe_load(SAMPLE.read_text())
+    del sample["metadata"]["namespace"]
+    proc = apply(control_plane, webhook_namespace, sample)
+    assert "Warning: spec.selector.matchLabels.app: 'test-module-deployment' does not match" in proc.stderr
+    stored = get_json(control_plane, webhook_namespace, "deployment", "test-module-deployment")
+    assert stored["spec"]["selector"]["matchLabels"] == {"app": "test-module-deployment-non-peer"}
     pod = first_pod(control_plane, webhook_namespace)
-    template = SEED_DEPLOYMENT["spec"]["template"]["spec"]
+    template = sample["spec"]["template"]["spec"]
     assert pod["spec"]["affinity"] == template["affinity"]
     assert pod["spec"]["containers"][0]["env"] == template["containers"][0]["env"]
+    # applying the same file again works (the selector is immutable: it is aligned again, not changed)
+    apply(control_plane, webhook_namespace, sample)
+    again = get_json(control_plane, webhook_namespace, "deployment", "test-module-deployment")
+    assert again["spec"]["selector"] == stored["spec"]["selector"]
+    assert len(get_json(control_plane, webhook_namespace, "replicasets")["items"]) == 1
+
+
+def test_kubectl_apply_of_a_broken_module_deployment_warns_at_once(
+    control_plane: ControlPlane, webhook_namespace: str
+) -> None:
+    proc = apply(control_plane, webhook_namespace, deployment(no_version(seed_pod())))
+    assert "Warning: spec.template.spec.containers[0].env: BIZ_VERSION is required" in proc.stderr
 
 
 def test_kubectl_prints_soft_problems_as_warnings(

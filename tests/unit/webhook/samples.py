@@ -10,10 +10,9 @@ SEED_JAR = (
     "biz1-web-single-host-0.0.1-SNAPSHOT-ark-biz.jar"
 )
 
-#: seeds/module-release.md, "samples/module-deployment.yaml", as kubectl sends it, except for one
-#: fix: the seed's selector (`app: test-module-deployment`) does not match its template's label
-#: (`app: test-module-deployment-non-peer`), which every apiserver rejects ("`selector` does not
-#: match template `labels`"), so the selector here uses the template's value.
+#: seeds/module-release.md, "samples/module-deployment.yaml", as kubectl sends it. Its selector
+#: (`app: test-module-deployment`) does not match its template's label
+#: (`app: test-module-deployment-non-peer`); the webhook aligns it (webhook.workloads).
 SEED_DEPLOYMENT: dict[str, Any] = {
     "apiVersion": "apps/v1",
     "kind": "Deployment",
@@ -21,7 +20,7 @@ SEED_DEPLOYMENT: dict[str, Any] = {
     "spec": {
         "replicas": 1,
         "revisionHistoryLimit": 3,
-        "selector": {"matchLabels": {"app": "test-module-deployment-non-peer"}},
+        "selector": {"matchLabels": {"app": "test-module-deployment"}},
         "strategy": {
             "rollingUpdate": {"maxSurge": "30%", "maxUnavailable": "30%"},
             "type": "RollingUpdate",

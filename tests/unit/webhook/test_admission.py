@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
+import jsonpatch
+import orjson
 import pytest
 
 from koupleless import keys
-from tests.unit.webhook.samples import review, seed_pod
+from tests.unit.webhook.samples import SEED_DEPLOYMENT, review, seed_pod
 from webhook.admission import BadReview, decide, parse_review, response_document
 from webhook.defaults import Defaults
 
@@ -183,3 +186,32 @@ def test_unanswerable_reviews_name_the_field(doc: Any, field: str) -> None:
         parse_review(doc)
     assert info.value.field == field
     assert str(info.value).startswith(field + ": ")
+
+
+def test_seed_deployment_gets_its_selector_aligned() -> None:
+    response = respond(
+        review(copy.deepcopy(SEED_DEPLOYMENT), kind="Deployment", resource="deployments", group="apps")
+    )
+    assert response["allowed"] is True
+    ops = orjson.loads(base64.b64decode(response["patch"]))
+    fixed = jsonpatch.apply_patch(SEED_DEPLOYMENT, ops)
+    assert fixed["spec"]["selector"]["matchLabels"] == {"app": "test-module-deployment-non-peer"}
+    assert [w.split(":")[0] for w in response["warnings"]] == ["spec.selector.matchLabels.app"]
+
+
+def test_module_workload_template_problems_are_warnings_not_rejections() -> None:
+    deploy = copy.deepcopy(SEED_DEPLOYMENT)
+    deploy["spec"]["template"]["spec"] = no_version_pod()["spec"]
+    response = respond(review(deploy, kind="Deployment", resource="deployments", group="apps"))
+    assert response["allowed"] is True
+    assert any(
+        w.startswith("spec.template.spec.containers[0].env: BIZ_VERSION is required")
+        for w in response["warnings"]
+    )
+
+
+def test_workloads_of_other_pods_pass_untouched() -> None:
+    deploy = copy.deepcopy(SEED_DEPLOYMENT)
+    deploy["spec"]["template"]["metadata"]["labels"] = {"app": "web"}
+    response = respond(review(deploy, kind="Deployment", resource="deployments", group="apps"))
+    assert response == {"uid": response["uid"], "allowed": True}

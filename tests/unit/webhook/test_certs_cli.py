@@ -13,7 +13,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from koupleless.cli import main
-from webhook.registration import LEGACY_WEBHOOK_NAME, WEBHOOK_NAME, ServiceRef, webhook_configuration
+from webhook.registration import (
+    LEGACY_WEBHOOK_NAME,
+    WEBHOOK_NAME,
+    WORKLOAD_WEBHOOK_NAME,
+    ServiceRef,
+    webhook_configuration,
+)
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -85,7 +91,7 @@ def test_ca_bundle_goes_into_the_manifest(tmp_path: Path) -> None:
     assert docs[0] == service
     ca_pem = (tmp_path / "ca.crt").read_bytes()
     bundles = [base64.b64decode(w["clientConfig"]["caBundle"]) for w in docs[1]["webhooks"]]
-    assert bundles == [ca_pem, ca_pem]
+    assert bundles == [ca_pem, ca_pem, ca_pem]
     assert docs[1]["webhooks"][0]["clientConfig"]["service"]["name"] == "module-controller-webhook"
 
 
@@ -102,8 +108,15 @@ def test_configuration_matches_both_label_keys_without_overlap() -> None:
     config = webhook_configuration(
         "https://127.0.0.1:9443/mutate", b"PEM", namespace_exclusions=["kube-system"]
     )
-    seed, legacy = config["webhooks"]
-    assert (seed["name"], legacy["name"]) == (WEBHOOK_NAME, LEGACY_WEBHOOK_NAME)
+    seed, legacy, workloads = config["webhooks"]
+    assert (seed["name"], legacy["name"], workloads["name"]) == (
+        WEBHOOK_NAME,
+        LEGACY_WEBHOOK_NAME,
+        WORKLOAD_WEBHOOK_NAME,
+    )
+    assert workloads["rules"][0]["apiGroups"] == ["apps"]
+    assert "objectSelector" not in workloads
+    assert "object.spec.template.metadata.labels" in workloads["matchConditions"][0]["expression"]
     assert seed["objectSelector"]["matchExpressions"] == [
         {"key": "module-controller.koupleless.io/component", "operator": "In", "values": ["module"]}
     ]

@@ -180,10 +180,38 @@ operations = st.one_of(
 )
 
 
+WORKLOAD = {"kind": "Deployment", "resource": "deployments", "group": "apps"}
+selectors = st.fixed_dictionaries(
+    {},
+    optional={
+        "matchLabels": maybe(
+            st.dictionaries(
+                st.sampled_from(["app", keys.LABEL_COMPONENT]), st.sampled_from(["web", "module"])
+            )
+        ),
+        "matchExpressions": json_values,
+    },
+)
+
+
 @st.composite
 def reviews(draw: st.DrawFn) -> dict[str, Any]:
     pod = draw(pods | seed_variants() | seed_variants())
-    doc = review(pod, operation=draw(operations), old=draw(st.none() | pods | st.just(seed_pod())))
+    as_workload = draw(st.integers(0, 3)) == 0
+    obj: Any = pod
+    if as_workload:
+        template = {"metadata": pod["metadata"], "spec": pod.get("spec")}
+        obj = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "spec": {"selector": draw(maybe(selectors)), "template": template},
+        }
+    doc = review(
+        obj,
+        operation=draw(operations),
+        old=draw(st.none() | pods | st.just(seed_pod())),
+        **(WORKLOAD if as_workload else {}),
+    )
     request = doc["request"]
     for key in ("kind", "resource", "subResource", "object", "name", "namespace"):
         if draw(st.integers(0, 19)) == 0:
@@ -249,10 +277,13 @@ def test_random_reviews_get_well_formed_answers(post: Any, doc: dict[str, Any]) 
     if response is None or "patch" not in response:
         return
     request = doc["request"]
-    assert request["operation"] == "CREATE"
+    as_workload = request["kind"] == {"group": "apps", "version": "v1", "kind": "Deployment"}
+    # Pods are defaulted only at CREATE (their spec is immutable after); a workload's selector is
+    # aligned on UPDATE too.
+    assert request["operation"] == "CREATE" or as_workload
     ops = orjson.loads(base64.b64decode(response["patch"]))
     stored = jsonpatch.apply_patch(copy.deepcopy(request["object"]), ops)
-    again = decide(parse_review(review(stored)), DEFAULTS)
+    again = decide(parse_review(review(stored, **(WORKLOAD if as_workload else {}))), DEFAULTS)
     assert again.result == "allowed", again
     assert again.ops == []
 
