@@ -367,6 +367,15 @@ def _unsupported_problems(spec: Mapping[str, Any]) -> list[Problem]:
         out.append(
             Problem("spec.ephemeralContainers", "a base cannot run ephemeral containers", "remove them")
         )
+    node_name = spec.get("nodeName")
+    if isinstance(node_name, str) and node_name and not node_name.startswith(keys.VNODE_NAME_PREFIX):
+        out.append(
+            Problem(
+                "spec.nodeName",
+                f"{node_name!r} is not a base: only virtual nodes ({keys.VNODE_NAME_PREFIX}<baseID>) install modules",
+                "remove nodeName and let the scheduler pick a base from the node affinity",
+            )
+        )
     if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
         out.append(
             Problem(

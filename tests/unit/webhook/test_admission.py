@@ -215,3 +215,12 @@ def test_workloads_of_other_pods_pass_untouched() -> None:
     deploy["spec"]["template"]["metadata"]["labels"] = {"app": "web"}
     response = respond(review(deploy, kind="Deployment", resource="deployments", group="apps"))
     assert response == {"uid": response["uid"], "allowed": True}
+
+
+def test_a_module_pinned_to_a_real_node_is_refused() -> None:
+    pod = seed_pod()
+    pod["spec"]["nodeName"] = "worker-1"
+    message = respond(review(pod))["status"]["message"]
+    assert message.startswith("spec.nodeName: 'worker-1' is not a base")
+    pod["spec"]["nodeName"] = "virtual-node-base-1"
+    assert respond(review(pod))["allowed"] is True
