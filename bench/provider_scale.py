@@ -230,8 +230,11 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
         print(f"[5] provider at {len(all_nodes)} bases / {modules} modules, steady {args.steady_seconds:.0f}s: "
               f"RSS {rss1:.0f} MiB (peak {peak:.0f} MiB; target <= 400 MiB: ratio {peak / 400:.2f}), "
               f"CPU {cpu_pct:.0f}% of one core")
-        not_ready = [n["metadata"]["name"] for n in nodes.list() if not ready(n)]
-        print(f"    Nodes not Ready at the end: {len(not_ready)}; module Pods Ready: {len(pod_ready_at)}/{total_pods}")
+        not_ready = [n for n in nodes.list() if not ready(n)]
+        reasons = sorted({c.get("reason", "") for n in not_ready for c in n["status"].get("conditions", [])
+                          if c.get("type") == "Ready"})
+        print(f"    Nodes not Ready at the end: {len(not_ready)} {reasons}; "
+              f"module Pods Ready: {len(pod_ready_at)}/{total_pods}")
         del rss0
     finally:
         for f in fleets:

@@ -113,7 +113,7 @@ class Provider:
         for node in self.nodes.list():
             self._adopt_node(node)
         self.pods.add_handler(self._on_pod, lambda _old, new: self._on_pod(new), self._on_pod_gone)
-        self.nodes.add_handler(None, None, self._on_node_gone)
+        self.nodes.add_handler(None, self._on_node_update, self._on_node_gone)
         self.pod_queue.start()
         self.node_queue.start()
         await self.tunnel.start()
@@ -419,6 +419,21 @@ class Provider:
         self.finalized.discard(str((pod.get("metadata") or {}).get("uid", "")))
         self._on_pod(pod)
 
+    def _on_node_update(self, _old: dict[str, Any], node: dict[str, Any]) -> None:
+        """Someone else changed our Node: the node lifecycle controller setting Ready=Unknown after a
+        slow Lease renewal, or a label or taint edited away. Put back what the base says; the
+        controller never sets Ready=True itself."""
+        name = (node.get("metadata") or {}).get("name", "")
+        base = self.bases.get(self.by_node.get(name, ""))
+        if base is None or not base.owned:
+            return
+        conds = (node.get("status") or {}).get("conditions") or []
+        ready = next((c.get("status") for c in conds if c.get("type") == "Ready"), None)
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        want_labels = vnode.node_labels(base, self.opts.node)
+        if ready != ("True" if base.ready else "False") or any(labels.get(k) != v for k, v in want_labels.items()):
+            self.node_queue.add(name)
+
     def _on_node_gone(self, node: dict[str, Any]) -> None:
         name = (node.get("metadata") or {}).get("name", "")
         if name in self.by_node:
@@ -568,17 +583,22 @@ class Provider:
         if not rec.start_time:
             rec.start_time = status["startTime"]
         current = pod.get("status") or {}
-        last = rec.last_written
-        if not status_changed(current, status) or (last is not None and not status_changed(last, status)):
+        # Compare with what the API server holds; our own last write stands in only while the cache
+        # has not caught up with it. (Trusting our last write blindly would miss a status someone
+        # else changed since, e.g. the node lifecycle controller marking Pods NotReady.)
+        if rec.last_written is not None and _rv(pod) < rec.last_written_rv:
+            current = rec.last_written
+        if not status_changed(current, status):
             return
         meta = pod.get("metadata") or {}
         started = time.monotonic()
         try:
-            await self.kube.patch(pod_path(meta.get("namespace"), meta.get("name")), {"status": status},
-                                  "strategic", subresource="status")
+            written = await self.kube.patch(pod_path(meta.get("namespace"), meta.get("name")), {"status": status},
+                                            "strategic", subresource="status")
             log.debug("pod %s status %s written in %.1f ms", key, status["phase"], (time.monotonic() - started) * 1000)
             API_WRITES.labels("pod_status").inc()
             rec.last_written = status
+            rec.last_written_rv = _rv(written)
         except ApiError as exc:
             if exc.not_found:
                 return
@@ -810,6 +830,14 @@ class Provider:
                     self._publish(base, arklet.CMD_HEALTH)
                 if step > 0.001:
                     await asyncio.sleep(step)
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    """resourceVersion as a number: opaque by contract, an etcd revision in practice; 0 if not."""
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
 
 
 def _model(module: Module) -> arklet.BizModel:

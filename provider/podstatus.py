@@ -128,10 +128,21 @@ def _conditions(old: dict[str, Any], ready: bool, now: str) -> list[dict[str, An
     return out
 
 
+def _pruned(value: Any) -> Any:
+    """Without empty values: the API server stores `lastState: {}` and drops nulls, so a status read
+    back must compare equal to the one written."""
+    if isinstance(value, dict):
+        out = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in (None, {}, [], "")}
+    if isinstance(value, list):
+        return [_pruned(v) for v in value]
+    return value
+
+
 def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether writing `new` would change what a user sees (times of unchanged conditions aside)."""
     for key in ("phase", "containerStatuses", "startTime", "podIP", "hostIP"):
-        if old.get(key) != new.get(key):
+        if _pruned(old.get(key)) != _pruned(new.get(key)):
             return True
     before = {c.get("type"): c.get("status") for c in old.get("conditions") or [] if isinstance(c, dict)}
     return any(before.get(c["type"]) != c["status"] for c in new["conditions"])

@@ -89,6 +89,7 @@ class PodRecord:
     node_name: str = ""
     #: The status this provider last wrote, so a stale cache does not cause the same write twice.
     last_written: dict[str, Any] | None = None
+    last_written_rv: int = 0
 
     @classmethod
     def from_pod(cls, pod: dict[str, Any]) -> PodRecord:

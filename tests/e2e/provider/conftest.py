@@ -43,6 +43,9 @@ class Sim:
     def kill(self, base_id: str) -> None:
         self._call("POST", f"/bases/{base_id}/kill")
 
+    def shutdown(self, base_id: str) -> None:
+        self._call("POST", f"/bases/{base_id}/shutdown")
+
     def restart(self, base_id: str) -> None:
         self._call("POST", f"/bases/{base_id}/restart")
 

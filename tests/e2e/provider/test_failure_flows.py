@@ -3,7 +3,6 @@ does not exist yet, the provider restarts, and bases send garbage."""
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.request
 from typing import Any
@@ -249,8 +248,9 @@ def test_bad_mqtt_input_is_counted_and_changes_nothing(system: System, namespace
     assert [m["state"] for m in sim.modules(base_id)] == ["ACTIVATED"]
 
 
-def test_orphan_module_is_reported_not_removed(system: System, namespace: str) -> None:
-    system.start_provider()
+@pytest.mark.parametrize("policy", ["report", "uninstall"])
+def test_orphan_module_is_reported_and_removed_only_when_asked(system: System, policy: str) -> None:
+    system.start_provider("--orphan-policy", policy)
     sim = system.start_sim(count=1)
     system.wait_nodes_ready(1)
     [base_id] = sim.bases()
@@ -271,5 +271,7 @@ def test_orphan_module_is_reported_not_removed(system: System, namespace: str) -
     text = system.cp.kubectl("describe", "node", node).stdout
     assert "sidecar:9.9" in text and "--orphan-policy=uninstall" in text
     assert _metric(system.provider_port, "koupleless_provider_orphan_modules_total") >= 1
-    assert [m["name"] for m in sim.modules(base_id)] == ["sidecar"]
-    json.dumps(text)
+    if policy == "report":
+        assert [m["name"] for m in sim.modules(base_id)] == ["sidecar"]
+    else:
+        wait_until(lambda: sim.modules(base_id) == [], 30, what="orphan uninstalled")

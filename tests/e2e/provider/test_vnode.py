@@ -98,3 +98,26 @@ def test_status_command_lists_bases_and_modules(system: System, namespace: str) 
         assert row.split() == [keys.vnode_name(base_id), "base", "1.1.1", base["ip"], "True", used, "4Gi"]
     module_line = next(line for line in lines if "biz1:0.0.1-SNAPSHOT" in line)
     assert "running" in module_line and "Ready" in module_line and pod["metadata"]["name"] in module_line
+
+
+def test_deactivated_base_is_not_ready_at_once_and_long_gone_node_is_deleted(system: System) -> None:
+    # heartbeats every 1 s, 3 missed before NotReady: a DEACTIVATED heartbeat must not wait for that
+    system.start_provider("--missed-heartbeats", "30", "--gone-after", "8")
+    sim = system.start_sim(count=2)
+    system.wait_nodes_ready(2)
+    leaving = sorted(sim.bases())[0]
+    name = keys.vnode_name(leaving)
+    sim.shutdown(leaving)
+
+    def deactivated() -> dict | None:
+        node = system.kubectl_json("get", "node", name)
+        cond = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
+        return cond if cond["status"] == "False" else None
+
+    cond = wait_until(deactivated, 10, what="NotReady right after the DEACTIVATED heartbeat")
+    assert cond["reason"] == "BaseDeactivated"
+    # gone for longer than --gone-after: the Node (and its Lease) are deleted; the other base stays
+    wait_until(lambda: name not in {n["metadata"]["name"] for n in system.nodes()}, 30, what="Node deleted")
+    assert [n["metadata"]["name"] for n in system.nodes()] == [keys.vnode_name(sorted(sim.bases())[1])]
+    leases = system.cp.kubectl("get", "leases", "-n", "kube-node-lease", "-o", "name").stdout
+    assert name not in leases
