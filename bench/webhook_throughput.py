@@ -216,6 +216,13 @@ _WRK_LATENCY = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc): per-request CPU cost does not depend on
+    what else the machine is doing, unlike requests per second."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(url: str, body_file: Path, duration: float, connections: int) -> dict[str, float]:
     script = body_file.with_suffix(".lua")
     script.write_text(
@@ -233,8 +240,9 @@ def run_wrk(url: str, body_file: Path, duration: float, connections: int) -> dic
     if "Non-2xx" in out or "Socket errors" in out:
         raise SystemExit(f"wrk saw failed requests against {url}:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     lat = {p: float(v) * _UNITS[u] for p, v, u in _WRK_LATENCY.findall(out)}
-    return {"rps": rps, "p50": lat["50"], "p99": lat["99"]}
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "requests": total}
 
 
 def client_ssl() -> ssl.SSLContext:
@@ -266,7 +274,7 @@ async def closed_loop(url: str, body: bytes, duration: float, connections: int) 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - start
-    return {"rps": len(latencies) / elapsed, **percentiles(latencies)}
+    return {"rps": len(latencies) / elapsed, **percentiles(latencies), "requests": len(latencies)}
 
 
 async def open_loop(url: str, body: bytes, rate: float, duration: float) -> dict[str, float]:
@@ -378,7 +386,8 @@ def main() -> int:
             wait_healthy(echo_url, procs[0])
             wait_healthy(hook_url, procs[1])
             check_answer(hook_url, body)
-            return report(args, generator, review, body, body_file, echo_url, hook_url)
+            pids = {"echo": procs[0].pid, "mutate": procs[1].pid}
+            return report(args, generator, review, body, body_file, echo_url, hook_url, pids)
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -406,30 +415,38 @@ def report(
     body_file: Path,
     echo_url: str,
     hook_url: str,
+    pids: dict[str, int],
 ) -> int:
-    def throughput(url: str) -> dict[str, float]:
+    def throughput(name: str, url: str) -> dict[str, float]:
+        cpu_before = cpu_seconds(pids[name])
         if generator == "wrk":
-            return run_wrk(url, body_file, args.duration, args.connections)
-        return asyncio.run(closed_loop(url, body, args.duration, args.connections))
+            result = run_wrk(url, body_file, args.duration, args.connections)
+        else:
+            result = asyncio.run(closed_loop(url, body, args.duration, args.connections))
+        result["cpu_us"] = (cpu_seconds(pids[name]) - cpu_before) / result["requests"] * 1e6
+        return result
 
     best: dict[str, dict[str, float]] = {}
+    cpu: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, url in (("echo", echo_url), ("mutate", hook_url)):
-            result = throughput(url)
+            result = throughput(name, url)
             if name not in best or result["rps"] > best[name]["rps"]:
                 best[name] = result
+            cpu[name] = min(cpu.get(name, float("inf")), result["cpu_us"])
     fixed = {name: asyncio.run(open_loop(url, body, args.rate, args.rate_duration)) for name, url in
              (("echo", echo_url), ("mutate", hook_url))}
     ratio = best["mutate"]["rps"] / best["echo"]["rps"]
 
     print(f"webhook throughput: {len(body)} B AdmissionReview (module Pod, patched), loopback TLS ECDSA P-256, "
-          f"keep-alive, {os.cpu_count()} CPUs")
+          f"keep-alive, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work skews both sides)")
     print(f"load generator: {generator}; {args.connections} connections x {args.duration:g}s, best of {args.rounds}")
-    print(f"{'server':<28}{'admissions/s':>14}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'server':<28}{'admissions/s':>14}{'p50 ms':>10}{'p99 ms':>10}{'server CPU us/req':>19}")
     for name, label in (("echo", "aiohttp echo (same body)"), ("mutate", "module-controller webhook")):
         r = best[name]
-        print(f"{label:<28}{r['rps']:>14,.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}")
+        print(f"{label:<28}{r['rps']:>14,.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}{cpu[name]:>19.0f}")
     print(f"ratio webhook/echo: {ratio:.2f}   (target >= 0.60: {'met' if ratio >= 0.6 else 'NOT met'})")
+    print(f"ratio by server CPU per request (echo/webhook, what a core each would give): {cpu['echo'] / cpu['mutate']:.2f}")
     print(f"fixed rate {args.rate:g} req/s for {args.rate_duration:g}s (open loop, python client):")
     for name in ("echo", "mutate"):
         r = fixed[name]

@@ -18,6 +18,7 @@ _TERMS_PATH = "/" + "/".join(_AFFINITY) + "/nodeSelectorTerms"
 #: Paths are f-strings over pre-escaped tokens: this runs on every admission, and a generic
 #: pointer builder was a third of the webhook's own time per request.
 _RESOURCE_TOKEN = escape(keys.RESOURCE_MODULE)
+_NO_EXECUTE = keys.EFFECT_NO_EXECUTE
 #: The shape the DefaultTolerationSeconds admission plugin gives every Pod; only these are
 #: shortened: any other toleration on these taints was written by someone on purpose (a DaemonSet's
 #: tolerate-forever ones included).
@@ -155,17 +156,21 @@ def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults) -> list[Op]:
         ):
             tolerations[n] = tol = eviction_toleration(key, seconds)
             replaced = True
-        vnode = vnode or tolerates(
-            tol, keys.TAINT_VIRTUAL_NODE, keys.TAINT_VIRTUAL_NODE_VALUE, keys.EFFECT_NO_EXECUTE
-        )
-        # a Pod with any env toleration picked its env itself
-        env = (
-            env
-            or key == keys.TAINT_NODE_ENV
-            or tolerates(tol, keys.TAINT_NODE_ENV, defaults.env, keys.EFFECT_NO_EXECUTE)
-        )
-        not_ready = not_ready or tolerates(tol, keys.TAINT_NOT_READY, "", keys.EFFECT_NO_EXECUTE)
-        unreachable = unreachable or tolerates(tol, keys.TAINT_UNREACHABLE, "", keys.EFFECT_NO_EXECUTE)
+        if not key:  # a wildcard may tolerate any of them
+            vnode = vnode or tolerates(
+                tol, keys.TAINT_VIRTUAL_NODE, keys.TAINT_VIRTUAL_NODE_VALUE, _NO_EXECUTE
+            )
+            env = env or tolerates(tol, keys.TAINT_NODE_ENV, defaults.env, _NO_EXECUTE)
+            not_ready = not_ready or tolerates(tol, keys.TAINT_NOT_READY, "", _NO_EXECUTE)
+            unreachable = unreachable or tolerates(tol, keys.TAINT_UNREACHABLE, "", _NO_EXECUTE)
+        elif key == keys.TAINT_VIRTUAL_NODE:
+            vnode = vnode or tolerates(tol, key, keys.TAINT_VIRTUAL_NODE_VALUE, _NO_EXECUTE)
+        elif key == keys.TAINT_NODE_ENV:
+            env = True  # the Pod picked its env itself
+        elif key == keys.TAINT_NOT_READY:
+            not_ready = not_ready or tolerates(tol, key, "", _NO_EXECUTE)
+        elif key == keys.TAINT_UNREACHABLE:
+            unreachable = unreachable or tolerates(tol, key, "", _NO_EXECUTE)
     missing: list[dict[str, Any]] = []
     if not vnode:
         missing.append(dict(keys.vnode_toleration()))
