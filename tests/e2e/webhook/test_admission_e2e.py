@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import yaml
 
 from devcluster.cluster import ControlPlane
 from koupleless import keys
-from tests.e2e.webhook.conftest import EVICTION_SECONDS
+from tests.e2e.webhook.conftest import EVICTION_SECONDS, RunningWebhook
 from tests.helpers import wait_until
 from tests.unit.webhook.samples import SEED_DEPLOYMENT, seed_pod, stripped
 
@@ -198,3 +200,21 @@ def test_update_that_breaks_the_module_is_refused(
     assert (
         get_json(control_plane, webhook_namespace, "pod", "swap")["spec"]["containers"][0]["image"] == new_jar
     )
+
+
+def test_malformed_body_gets_400_and_the_running_webhook_keeps_admitting(
+    control_plane: ControlPlane, webhook_namespace: str, webhook: RunningWebhook
+) -> None:
+    request = urllib.request.Request(
+        webhook.url + "/mutate", data=b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}'
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, context=webhook.ssl_context(), timeout=5)
+    assert info.value.code == 400
+    assert info.value.read().decode().startswith("request: is missing or not an object")
+    proc = apply(control_plane, webhook_namespace, no_version(seed_pod("after-garbage")), check=False)
+    assert DENIED.search(proc.stderr), proc.stderr
+    _, metrics = webhook.get("/metrics")
+    assert 'koupleless_webhook_bad_requests_total{field="request"}' in metrics
+    denied = re.search(r'^koupleless_webhook_admissions_total\{result="denied"\} (\S+)$', metrics, re.M)
+    assert denied and float(denied.group(1)) >= 1
