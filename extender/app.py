@@ -160,8 +160,18 @@ class Extender:
                       policy.fit_error_message(len(names), outcome.failed))
         return wire.filter_result(args, outcome.passing, outcome.failed)
 
+    def _module_pod(self, raw: dict[str, Any]) -> ModulePod:
+        """The Pod just filtered is prioritized next: reuse what was read from it then."""
+        if self.view is not None:
+            meta = raw.get("metadata")
+            if isinstance(meta, dict):
+                known = self.view.inflight_pod(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
+                if known is not None and known.uid and known.uid == meta.get("uid"):
+                    return known
+        return ModulePod.from_pod(raw)
+
     def prioritize(self, args: wire.ExtenderArgs) -> list[dict[str, Any]]:
-        pod = ModulePod.from_pod(args.pod)
+        pod = self._module_pod(args.pod)
         bases = self._request_bases(args)
         if bases is not None:
             base_of: Callable[[str], BaseInfo | None] = bases.get

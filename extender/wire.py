@@ -98,9 +98,15 @@ def parse_extender_args(body: bytes) -> ExtenderArgs:
     if raw_names is not None:
         if not isinstance(raw_names, list):
             raise BadRequest("NodeNames", f"is a {type(raw_names).__name__}, not a list", "send a list of Node names")
-        for i, name in enumerate(raw_names):
-            if not isinstance(name, str) or not name:
-                raise BadRequest(f"NodeNames[{i}]", f"{name!r} is not a Node name", "send non-empty strings")
+        try:
+            # C-speed check of thousands of names: join raises on a non-string, `in` finds an empty one.
+            "".join(raw_names)
+            valid = "" not in raw_names
+        except TypeError:
+            valid = False
+        if not valid:
+            i, name = next((i, n) for i, n in enumerate(raw_names) if not isinstance(n, str) or not n)
+            raise BadRequest(f"NodeNames[{i}]", f"{name!r} is not a Node name", "send non-empty strings")
         names = raw_names
     elif raw_nodes is not None:
         if not isinstance(raw_nodes, dict):

@@ -61,8 +61,9 @@ def vnode_status(max_modules: int, memory: str) -> dict[str, Any]:
 class VirtualNodes:
     """Owns a loop in a thread (tests are synchronous and block on kubectl)."""
 
-    def __init__(self, kubeconfig: Path) -> None:
+    def __init__(self, kubeconfig: Path, renew_every: float = RENEW_EVERY) -> None:
         self.kubeconfig = kubeconfig
+        self.renew_every = renew_every
         self.names: dict[str, dict[str, Any]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vnodes", daemon=True)
@@ -155,5 +156,5 @@ class VirtualNodes:
                     await self._renew(name)
 
         while True:
-            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.sleep(self.renew_every)
             await asyncio.gather(*(one(n) for n in list(self.names)), return_exceptions=True)
