@@ -4,6 +4,7 @@ kube-scheduler with the module profile; virtual Nodes made through the API."""
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from certs import pki
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
 from extender.config import MODULE_SCHEDULER_NAME
@@ -24,33 +26,42 @@ CLI = [sys.executable, "-m", "koupleless"]
 MANIFESTS = Path(__file__).resolve().parents[3] / "manifests" / "scheduler"
 
 
-def _http_ok(port: int, path: str) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+def _http_ok(port: int, path: str, scheme: str = "http", context: ssl.SSLContext | None = None) -> bool:
+    with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}{path}", timeout=2, context=context) as resp:
         return resp.status == 200
 
 
+def _client_context(ca: pki.KeyPair | None) -> ssl.SSLContext | None:
+    if ca is None:
+        return None
+    return ssl.create_default_context(cadata=ca.cert_pem.decode())
+
+
 class RunningExtender:
-    def __init__(self, process: ManagedProcess, port: int) -> None:
+    def __init__(self, process: ManagedProcess, port: int, scheme: str = "http",
+                 ca: pki.KeyPair | None = None) -> None:
         self.process = process
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{scheme}://127.0.0.1:{port}"
+        self.context = _client_context(ca)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5, context=self.context) as resp:
             return resp.read().decode()
 
     def log(self) -> str:
         return self.process.log_path.read_text(errors="replace")
 
 
-def start_extender(cp: ControlPlane, *extra: str, name: str = "extender",
-                   kubeconfig: Path | None = None) -> RunningExtender:
+def start_extender(cp: ControlPlane, *extra: str, name: str = "extender", kubeconfig: Path | None = None,
+                   ready_scheme: str = "http", ca: pki.KeyPair | None = None) -> RunningExtender:
     port = free_port()
     kube = ["--kubeconfig", str(kubeconfig or cp.kubeconfig)] if "--no-kube" not in extra else []
     args = [*CLI, "extender", *kube, "--host", "127.0.0.1", "--port", str(port), "--log-level", "debug", *extra]
     proc = ManagedProcess(name, args, cp.workdir / "logs" / f"{name}-{port}.log").start()
-    proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=60)
-    return RunningExtender(proc, port)
+    context = _client_context(ca)
+    proc.wait_ready(lambda: _http_ok(port, "/readyz", ready_scheme, context), timeout=60)
+    return RunningExtender(proc, port, ready_scheme, ca)
 
 
 def manifest_kubeconfig(cp: ControlPlane) -> Path:
