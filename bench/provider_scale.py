@@ -106,6 +106,21 @@ def _http_ok(port: int) -> bool:
         return bool(resp.status == 200)
 
 
+def hist_quantiles(port: int, name: str, qs: tuple[float, ...] = (0.5, 0.99)) -> tuple[int, list[float]]:
+    """(count, upper bucket bounds in ms holding each quantile) of a provider histogram."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+    total = buckets[-1][1] if buckets else 0.0
+    return int(total), [next((le * 1000 for le, c in buckets if c >= q * total), float("inf")) for q in qs]
+
+
 def ready(obj: dict[str, Any]) -> bool:
     return any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in (obj.get("status") or {}).get("conditions") or []
@@ -197,6 +212,12 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
             p50, p99 = pct(values, 50), pct(values, 99)
             print(f"[2] hop {label:<22} n={len(values)} p50={p50:6.1f} ms  p99={p99:6.1f} ms  "
                   f"(target p99 <= 100 ms: ratio {p99 / 100:.2f})")
+
+        for label, metric in (("A bound -> installBiz", "koupleless_provider_bound_to_install_seconds"),
+                              ("B reply -> status stored", "koupleless_provider_reply_to_status_seconds")):
+            n, (q50, q99) = hist_quantiles(http_port, metric)
+            print(f"[2] inside the provider, hop {label:<24} n={n} p50 <= {q50:g} ms  p99 <= {q99:g} ms  "
+                  f"(histogram bucket bounds)")
 
         # scale: more bases, more modules
         extra = args.scale_bases - args.bases

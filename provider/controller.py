@@ -43,6 +43,15 @@ BASES = Gauge("koupleless_provider_bases", "Bases known to this provider, by rea
 API_WRITES = Counter("koupleless_provider_api_writes_total", "Writes to the API server", ["what"])
 INSTALL_RESULTS = Counter("koupleless_provider_install_results_total", "installBiz replies", ["result"])
 POD_SYNC_SECONDS = Histogram("koupleless_provider_pod_sync_seconds", "Time to sync one Pod")
+_FINE = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+BOUND_TO_INSTALL = Histogram(
+    "koupleless_provider_bound_to_install_seconds",
+    "From a bound Pod arriving through the watch to its installBiz being published", buckets=_FINE,
+)
+REPLY_TO_STATUS = Histogram(
+    "koupleless_provider_reply_to_status_seconds",
+    "From a base's installBiz reply arriving to the Pod status that shows it being stored", buckets=_FINE,
+)
 
 COMPONENT = "koupleless-provider"
 #: How long a fresh Pod's "Installing" status waits for the base's answer before it is written.
@@ -95,6 +104,7 @@ class Provider:
         self.by_node: dict[str, str] = {}
         self.records: dict[str, PodRecord] = {}
         self.finalized: set[str] = set()
+        self._first_seen: dict[str, float] = {}
         self.pod_queue = WorkQueue("pods", self.sync_pod, workers=opts.workers)
         self.node_queue = WorkQueue("nodes", self.sync_node, workers=opts.workers)
         self._loops: list[asyncio.Task[None]] = []
@@ -342,6 +352,7 @@ class Provider:
                 if op.success:
                     rec.installed[name] = pend.module
                     rec.started[name] = iso()
+                    rec.reply_at = time.monotonic()
                     rec.failed.pop(name, None)
                     self._event(pod, "Normal", "Installed", f"Installed module {op.key} on base {base.base_id}")
                 else:
@@ -413,7 +424,10 @@ class Provider:
     def _on_pod(self, pod: dict[str, Any]) -> None:
         node = (pod.get("spec") or {}).get("nodeName")
         if node in self.by_node and is_module_pod(pod):
-            self.pod_queue.add(object_key(pod))
+            key = object_key(pod)
+            if key not in self.records and key not in self._first_seen:
+                self._first_seen[key] = time.monotonic()
+            self.pod_queue.add(key)
 
     def _on_pod_gone(self, pod: dict[str, Any]) -> None:
         self.finalized.discard(str((pod.get("metadata") or {}).get("uid", "")))
@@ -488,6 +502,7 @@ class Provider:
     def _forget_pod(self, key: str) -> None:
         """The Pod is gone from the API server without us uninstalling (force-deleted, or its Node
         was deleted): take its modules off the base unless another Pod there holds them."""
+        self._first_seen.pop(key, None)
         rec = self.records.pop(key, None)
         base = self.bases.get(self.by_node.get(rec.node_name, "")) if rec else None
         if rec is None or base is None or not base.ready or not base.owned:
@@ -513,6 +528,9 @@ class Provider:
         rec.pending[name] = PendingOp(command, module, time.monotonic())
         base.pending[(command, module.biz_key)] = key
         self._publish(base, command, _model(module))
+        seen = self._first_seen.pop(key, None)
+        if seen is not None and command == arklet.CMD_INSTALL_BIZ:
+            BOUND_TO_INSTALL.observe(time.monotonic() - seen)
 
     def _drive(self, key: str, pod: dict[str, Any], rec: PodRecord, base: BaseState) -> float | None:
         """Move the base one step towards the Pod's containers, in container order."""
@@ -599,6 +617,9 @@ class Provider:
             API_WRITES.labels("pod_status").inc()
             rec.last_written = status
             rec.last_written_rv = _rv(written)
+            if rec.reply_at:
+                REPLY_TO_STATUS.observe(time.monotonic() - rec.reply_at)
+                rec.reply_at = 0.0
         except ApiError as exc:
             if exc.not_found:
                 return

@@ -90,6 +90,8 @@ class PodRecord:
     #: The status this provider last wrote, so a stale cache does not cause the same write twice.
     last_written: dict[str, Any] | None = None
     last_written_rv: int = 0
+    #: When the last successful install reply arrived (monotonic), until the status shows it.
+    reply_at: float = 0.0
 
     @classmethod
     def from_pod(cls, pod: dict[str, Any]) -> PodRecord:

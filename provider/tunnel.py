@@ -90,7 +90,11 @@ class MqttTunnel:
             protocol=mqtt.MQTTv5,
         )
         c = self._client
-        c.enable_logger(logging.getLogger(__name__ + ".paho"))
+        self._stopping = False
+        paho_log = logging.getLogger(__name__ + ".paho")
+        # paho's network thread makes one last pass after our disconnect and logs it as an error.
+        paho_log.addFilter(lambda record: not (self._stopping and "not connected" in record.getMessage()))
+        c.enable_logger(paho_log)
         c.max_inflight_messages_set(1000)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=15)
@@ -127,6 +131,7 @@ class MqttTunnel:
         self._client.loop_start()
 
     async def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
         self.connected.clear()
