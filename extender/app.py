@@ -132,16 +132,19 @@ class Extender:
         names = args.names
         view = self.view
 
+        candidates = set(names) if bases is None else None
+
         def run() -> FilterOutcome:
             if bases is None and view is not None and self.watches_pods:
-                fast = policy.filter_indexed(pod, names, view)
+                fast = policy.filter_indexed(pod, names, view, candidates)
                 if fast is not None:
                     return fast
             lookup = bases.get if bases is not None else view.bases.get  # type: ignore[union-attr]
             return policy.filter_pod(pod, ((n, lookup(n)) for n in names), usage_of)
 
         if bases is None and view is not None:
-            unknown = [n for n in set(names).difference(view.bases.keys()) if n.startswith(keys.VNODE_NAME_PREFIX)]
+            assert candidates is not None
+            unknown = [n for n in candidates.difference(view.bases.keys()) if n.startswith(keys.VNODE_NAME_PREFIX)]
             if unknown:
                 await view.wait_for_bases(unknown, self.settings.node_wait)
         outcome = run()

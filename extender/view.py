@@ -55,6 +55,8 @@ class ClusterView:
         #: free module slots (0..SLOT_INDEX-1) -> bases; bases with more, or no limit, are absent.
         self.slots: dict[int, set[str]] = {}
         self._slot_of: dict[str, int] = {}
+        #: allocatable memory minus the module Pods' requests, for bases that state their memory.
+        self.free_memory: dict[str, int] = {}
 
     # --- bases ---------------------------------------------------------------------------------
 
@@ -69,7 +71,13 @@ class ClusterView:
         self._changed = asyncio.Event()
 
     def _reslot(self, name: str) -> None:
+        """Keep the per-base indexes that depend on usage (free slots, free memory) current."""
         base = self.bases.get(name)
+        if base is not None and base.memory is not None:
+            usage = self.usage.get(name)
+            self.free_memory[name] = base.memory - (usage.memory if usage is not None else 0)
+        else:
+            self.free_memory.pop(name, None)
         slot: int | None = None
         if base is not None and base.max_modules is not None:
             usage = self.usage.get(name)
