@@ -8,6 +8,7 @@ once. Parsing never raises on odd shapes: a Pod is network input.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -121,6 +122,9 @@ def is_module_pod(pod: Mapping[str, Any]) -> bool:
     return keys.is_module_pod_labels(_dict(_dict(pod.get("metadata")).get("labels")))
 
 
+#: Every replica of a release carries the same jar URLs, and URL parsing is the costliest step of
+#: reading a module on the webhook's and the extender's hot paths: remember recent answers.
+@functools.lru_cache(maxsize=4096)
 def infer_from_jar(url: str) -> tuple[str, str] | None:
     """(artifact, version) from a `<artifact>-<version>-ark-biz.jar` URL, else None."""
     name = urlsplit(url).path.rsplit("/", 1)[-1]
@@ -409,6 +413,7 @@ def _env_has_value_from(container: Mapping[str, Any], name: str) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_jar_url(image: str) -> bool:
     try:
         parts = urlsplit(image)
