@@ -39,6 +39,9 @@ class Broker:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="koupleless-mqtt-")))
     #: username -> password; empty means anonymous access.
     users: dict[str, str] = field(default_factory=dict)
+    #: Serve TLS with this certificate and key (PEM files) instead of plain MQTT.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def start(self) -> Broker:
         binary = find_mosquitto()
@@ -47,6 +50,7 @@ class Broker:
         conf = self.workdir / "mosquitto.conf"
         lines = [
             f"listener {self.port} {self.host}",
+            *self._tls_lines(),
             "persistence false",
             "log_dest stdout",
             "log_type error",
@@ -68,6 +72,13 @@ class Broker:
         self.process = ManagedProcess("mosquitto", [binary, "-c", str(conf)], self.workdir / "mosquitto.log").start()
         self.process.wait_ready(lambda: tcp_open(self.host, self.port), timeout=20)
         return self
+
+    def _tls_lines(self) -> list[str]:
+        if self.tls_cert is None and self.tls_key is None:
+            return []
+        if self.tls_cert is None or self.tls_key is None:
+            raise StartError("mosquitto", "TLS needs both tls_cert and tls_key", None)
+        return [f"certfile {self.tls_cert}", f"keyfile {self.tls_key}"]
 
     @property
     def address(self) -> str:

@@ -80,9 +80,15 @@ def run(args: argparse.Namespace) -> int:
         print("base-sim: --fail-rate is a probability between 0 and 1", flush=True)
         return 2
 
+    try:
+        broker = broker_from_args(args)
+    except ValueError as exc:
+        print(f"base-sim: {exc}", flush=True)
+        return 2
+
     async def main(stop: asyncio.Event) -> int:
         sim = BaseSimulator(
-            broker_from_args(args),
+            broker,
             env=args.env,
             count=args.count,
             name=args.name,

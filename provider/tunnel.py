@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +112,7 @@ class MqttTunnel:
             )
             c.tls_insecure_set(False)
         c.on_connect = self._paho_connect
+        c.on_connect_fail = self._paho_connect_fail
         c.on_disconnect = self._paho_disconnect
         c.on_message = self._paho_message
 
@@ -171,7 +174,7 @@ class MqttTunnel:
     def _paho_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             MQTT_CONNECTS.labels(self.name, "refused").inc()
-            log.error("MQTT broker %s:%s refused %s: %s", self.broker.host, self.broker.port, self.client_id, reason)
+            log.error("%s; retrying", refusal_message(self.broker, self.client_id, reason))
             return
         MQTT_CONNECTS.labels(self.name, "ok").inc()
         # Always resubscribe: cheap, and the only safe answer when the broker lost our session.
@@ -183,6 +186,13 @@ class MqttTunnel:
             self.broker.host, self.broker.port, self.client_id, flags.session_present, len(subs),
         )
         self._to_loop(self._set_connected, True)
+
+    def _paho_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        # paho calls this from inside its `except OSError` and keeps retrying with backoff; the
+        # exception itself is only reachable here, and it is the one thing a user needs to see.
+        exc = sys.exc_info()[1]
+        MQTT_CONNECTS.labels(self.name, "failed").inc()
+        log.error("%s; retrying", connect_error_message(self.broker, exc))
 
     def _paho_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason is not None and getattr(reason, "is_failure", False):
@@ -210,6 +220,41 @@ class MqttTunnel:
             pass
 
 
+#: MQTT 5 CONNACK reason codes (and their MQTT 3.1.1 equivalents) that mean "your credentials".
+_AUTH_REFUSALS = {4, 5, 134, 135}
+
+
+def refusal_message(broker: BrokerOptions, client_id: str, reason: Any) -> str:
+    where = f"MQTT broker {broker.host}:{broker.port} refused client {client_id}: {reason}"
+    if getattr(reason, "value", None) in _AUTH_REFUSALS:
+        if broker.username is None:
+            return f"{where} — the broker wants credentials: set --mqtt-username and --mqtt-password-file (or MQTT_PASSWORD)"
+        return (f"{where} — check --mqtt-username ({broker.username!r}) and the password in --mqtt-password-file "
+                "(or MQTT_PASSWORD)")
+    return where
+
+
+def connect_error_message(broker: BrokerOptions, exc: BaseException | None) -> str:
+    where = f"MQTT broker {broker.host}:{broker.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or str(exc)
+        if broker.ca_file:
+            hint = f"check that --mqtt-ca ({broker.ca_file}) holds the CA that signed the broker's certificate"
+        else:
+            hint = "pass the CA that signed the broker's certificate with --mqtt-ca"
+        if "hostname" in detail.lower() or "IP address mismatch" in detail:
+            hint = f"the broker's certificate does not name {broker.host!r}; connect with a name it lists in --mqtt-broker"
+        return f"{where}: TLS certificate not trusted ({detail}); {hint}"
+    if isinstance(exc, ssl.SSLError):
+        return (f"{where}: TLS handshake failed ({exc.reason or exc}); is the broker's listener TLS (--mqtt-tls/--mqtt-ca) "
+                "or plain MQTT (neither flag)?")
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{where}: connection refused; is the broker running at --mqtt-broker {broker.host}:{broker.port}?"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and (broker.tls or broker.ca_file):
+        return f"{where}: connection reset during connect; is that port a TLS listener?"
+    return f"{where}: cannot connect: {exc!r}"
+
+
 def add_broker_arguments(parser: Any) -> None:
     g = parser.add_argument_group("MQTT broker")
     g.add_argument("--mqtt-broker", required=True, metavar="HOST:PORT", help="MQTT broker address, e.g. 127.0.0.1:1883")
@@ -225,12 +270,28 @@ def add_broker_arguments(parser: Any) -> None:
 
 
 def broker_from_args(args: Any) -> BrokerOptions:
-    import os
-
     password = os.environ.get("MQTT_PASSWORD")
     if args.mqtt_password_file:
-        with open(args.mqtt_password_file, encoding="utf-8") as f:
-            password = f.read().strip()
+        try:
+            with open(args.mqtt_password_file, encoding="utf-8") as f:
+                password = f.read().strip()
+        except OSError as exc:
+            raise ValueError(f"--mqtt-password-file {args.mqtt_password_file}: {exc.strerror or exc}") from exc
+    for flag, path in (("--mqtt-ca", args.mqtt_ca), ("--mqtt-cert", args.mqtt_cert), ("--mqtt-key", args.mqtt_key)):
+        if path and not os.access(path, os.R_OK):
+            raise ValueError(f"{flag} {path}: no such readable file")
+    if bool(args.mqtt_cert) != bool(args.mqtt_key):
+        raise ValueError("--mqtt-cert and --mqtt-key go together (mutual TLS needs both)")
+    if args.mqtt_ca:
+        try:
+            ssl.create_default_context(cafile=args.mqtt_ca)
+        except ssl.SSLError as exc:
+            raise ValueError(f"--mqtt-ca {args.mqtt_ca}: not a PEM CA bundle ({exc.reason or exc})") from exc
+    if args.mqtt_cert:
+        try:
+            ssl.create_default_context().load_cert_chain(args.mqtt_cert, args.mqtt_key)
+        except ssl.SSLError as exc:
+            raise ValueError(f"--mqtt-cert/--mqtt-key: not a matching PEM certificate and key ({exc.reason or exc})") from exc
     return BrokerOptions.parse(
         args.mqtt_broker,
         username=args.mqtt_username,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -62,7 +64,8 @@ class System:
         self.provider: ManagedProcess | None = None
         self.provider_port = 0
 
-    def start_provider(self, *extra: str, name: str = "provider") -> ManagedProcess:
+    def start_provider(self, *extra: str, name: str = "provider", wait_ready: bool = True,
+                       env: dict[str, str] | None = None) -> ManagedProcess:
         self.provider_port = free_port()
         args = [
             *CLI, "provider", "--kubeconfig", str(self.cp.kubeconfig), "--mqtt-broker", self.broker.address,
@@ -70,15 +73,16 @@ class System:
             "--http-port", str(self.provider_port), "--heartbeat-interval", "1", "--missed-heartbeats", "3",
             "--resync-interval", "2", "--health-interval", "5", "--log-level", "debug", *extra,
         ]
-        proc = ManagedProcess(name, args, self.workdir / f"{name}.log").start()
+        proc = ManagedProcess(name, args, self.workdir / f"{name}.log", env=_with_env(env)).start()
         self.processes.append(proc)
         port = self.provider_port
-        proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=60)
+        if wait_ready:
+            proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=60)
         self.provider = proc
         return proc
 
     def start_sim(self, *extra: str, count: int = 3, name: str = "base", version: str = "1.1.1",
-                  id_prefix: str | None = None) -> Sim:
+                  id_prefix: str | None = None, env: dict[str, str] | None = None) -> Sim:
         port = free_port()
         label = f"sim-{len(self.processes)}"
         # Base IDs unique to this test: Node and Lease names never collide with an earlier test's.
@@ -88,7 +92,7 @@ class System:
             "--name", name, "--version", version, "--heartbeat-interval", "1", "--status-port", str(port),
             "--id-prefix", id_prefix, *extra,
         ]
-        proc = ManagedProcess(label, args, self.workdir / f"{label}.log").start()
+        proc = ManagedProcess(label, args, self.workdir / f"{label}.log", env=_with_env(env)).start()
         self.processes.append(proc)
         proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=30)
         return Sim(proc, port)
@@ -120,6 +124,18 @@ def node_ready(node: dict[str, Any]) -> str:
         if c["type"] == "Ready":
             return str(c["status"])
     return "Unknown"
+
+
+def _with_env(extra: dict[str, str] | None) -> dict[str, str] | None:
+    return {**os.environ, **extra} if extra else None
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def _http_ok(port: int, path: str) -> bool:
