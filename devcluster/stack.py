@@ -25,7 +25,9 @@ from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, StartError, free_port
 
-SAMPLE_DEPLOYMENT = Path(__file__).resolve().parent.parent / "manifests" / "samples" / "module-deployment.yaml"
+MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+SAMPLE_DEPLOYMENT = MANIFESTS / "samples" / "module-deployment.yaml"
+CONTROLLER_NAMESPACE = "module-controller"
 SAMPLE_NAME = "test-module-deployment"
 
 
@@ -58,8 +60,9 @@ class DevStack:
         try:
             self.progress("[1/8] control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler")
             self.plane.start()
-            self.progress("[2/8] mosquitto MQTT broker")
+            self.progress("[2/8] mosquitto MQTT broker; the controller's ServiceAccounts and RBAC")
             self.broker.start()
+            self._install_rbac()
             self.progress("[3/8] webhook (validates and defaults module Pods)")
             self._start_webhook()
             self.progress("[4/8] scheduler extender, registered with kube-scheduler")
@@ -117,23 +120,36 @@ class DevStack:
         config = webhook_configuration(f"https://127.0.0.1:{port}/mutate", ca.cert_pem)
         self.plane.kubectl("apply", "-f", "-", input=json.dumps(config))
 
+    def _install_rbac(self) -> None:
+        """The ServiceAccounts and RBAC of manifests/, so each component runs with exactly the
+        rights a real install grants it (a missing verb shows up here as a Forbidden)."""
+        self.plane.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
+        for component in ("provider", "scheduler"):
+            self.plane.kubectl("apply", "-f", str(MANIFESTS / component / "serviceaccount.yaml"),
+                               "-f", str(MANIFESTS / component / "rbac.yaml"))
+
+    def _component_kubeconfig(self, service_account: str) -> Path:
+        return self.plane.service_account_kubeconfig(CONTROLLER_NAMESPACE, service_account)
+
     def _start_extender(self) -> None:
-        from extender.config import extender_entry
+        from extender.config import extender_entry, module_profile
 
         port = free_port()
         proc = self._spawn(
             "extender",
             self._cli("extender", "--host", "127.0.0.1", "--port", str(port), "--kubeconfig",
-                      str(self.plane.kubeconfig)),
+                      str(self._component_kubeconfig("module-controller-extender"))),
         )
         proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=30)
-        self.plane.start_scheduler(extenders=[extender_entry(f"http://127.0.0.1:{port}")])
+        self.plane.start_scheduler(extenders=[extender_entry(f"http://127.0.0.1:{port}")],
+                                   extra_profiles=[module_profile()])
 
     def _start_provider(self) -> None:
         port = free_port()
         proc = self._spawn(
             "provider",
-            self._cli("provider", "--kubeconfig", str(self.plane.kubeconfig), "--mqtt-broker", self.broker.address,
+            self._cli("provider", "--kubeconfig", str(self._component_kubeconfig("module-controller-provider")),
+                      "--mqtt-broker", self.broker.address,
                       "--env", self.options.env, "--max-modules", str(self.options.max_modules),
                       "--http-host", "127.0.0.1", "--http-port", str(port)),
         )
