@@ -16,7 +16,7 @@ def _subparser(name: str) -> argparse.ArgumentParser:
     parser = build_parser([name])
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return action.choices[name]  # type: ignore[no-any-return]
+            return action.choices[name]
     raise LookupError(name)
 
 
