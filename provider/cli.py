@@ -14,6 +14,7 @@ from koupleless import keys, runtime
 from koupleless.http import add_health_routes
 from koupleless.kube.client import KubeClient
 from koupleless.kube.config import KubeConfigError
+from provider import vnode
 from provider.controller import Provider, ProviderOptions
 from provider.tunnel import add_broker_arguments, broker_from_args
 from provider.vnode import NodeOptions
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--env-taint", action="store_true", help=f"also taint Nodes {keys.TAINT_NODE_ENV}=<env>:NoExecute")
     g.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="S", help="bases' heartbeat period (default 10)")
     g.add_argument("--missed-heartbeats", type=int, default=3, help="missed heartbeats before a Node goes NotReady (default 3)")
+    g.add_argument(
+        "--lease-duration", type=int, default=vnode.LEASE_DURATION_S, metavar="S",
+        help="base Lease duration, renewed every quarter of it; with several replicas, a standby takes over "
+        "a base this long after its holder stops (default 40; keep it under the controller-manager's "
+        "--node-monitor-grace-period)",
+    )
     g.add_argument("--gone-after", type=float, default=600.0, metavar="S", help="delete the Node of a base silent this long (default 600)")
     g = parser.add_argument_group("modules")
     g.add_argument("--resync-interval", type=float, default=30.0, metavar="S", help="queryAllBiz every base this often (default 30)")
@@ -57,7 +64,9 @@ def options_from_args(args: argparse.Namespace) -> ProviderOptions:
     return ProviderOptions(
         env=args.env,
         identity=identity,
-        node=NodeOptions(env=args.env, max_pods=args.max_pods, max_modules=args.max_modules, env_taint=args.env_taint),
+        node=NodeOptions(env=args.env, max_pods=args.max_pods, max_modules=args.max_modules, env_taint=args.env_taint,
+                         lease_duration_s=args.lease_duration),
+        lease_renew_interval=args.lease_duration / 4,
         heartbeat_interval=args.heartbeat_interval,
         missed_heartbeats=args.missed_heartbeats,
         gone_after=args.gone_after,
@@ -75,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         broker = broker_from_args(args)
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
+        return 2
+    if args.lease_duration < 4:
+        log.error("--lease-duration %s: at least 4 seconds (the Lease is renewed every quarter of it)", args.lease_duration)
         return 2
     opts = options_from_args(args)
 

@@ -53,7 +53,13 @@ REPLY_TO_STATUS = Histogram(
     "From a base's installBiz reply arriving to the Pod status that shows it being stored", buckets=_FINE,
 )
 
+LEASE_TAKEOVERS = Counter(
+    "koupleless_provider_lease_takeovers_total", "Base Leases this replica took over from another holder"
+)
+
 COMPONENT = "koupleless-provider"
+#: A standby looks at a Lease this long after it should have expired (clock skew, a late renewal).
+_LEASE_EXPIRY_MARGIN_S = 0.25
 #: How long a fresh Pod's "Installing" status waits for the base's answer before it is written.
 STATUS_GRACE_S = 0.5
 
@@ -66,7 +72,8 @@ class ProviderOptions:
     heartbeat_interval: float = 10.0
     missed_heartbeats: int = 3
     gone_after: float = 600.0
-    lease_renew_interval: float = 10.0
+    #: kubelet's ratio: renew every quarter of the Lease duration (10 s of 40 s).
+    lease_renew_interval: float = vnode.LEASE_DURATION_S / 4
     resync_interval: float = 30.0
     health_interval: float = 30.0
     install_timeout: float = 120.0
@@ -682,8 +689,9 @@ class Provider:
         if base is None:
             return None
         if not base.owned:
-            if not await self._acquire_lease(base):
-                return self.opts.lease_renew_interval
+            retry = await self._acquire_lease(base)
+            if retry is not None:
+                return retry
             self._enqueue_pods_on(name)
         now = iso()
         node = self.nodes.get(name)
@@ -721,7 +729,10 @@ class Provider:
             API_WRITES.labels("node_status").inc()
         return None
 
-    async def _acquire_lease(self, base: BaseState) -> bool:
+    async def _acquire_lease(self, base: BaseState) -> float | None:
+        """Take the base's Lease if it is free or expired. None when this replica holds it now; else
+        the seconds until it is worth looking again: just after the holder's Lease would expire, so
+        a standby takes over as soon as the holder stops renewing, with one GET per Lease period."""
         path = lease_path(vnode.LEASE_NAMESPACE, base.node_name)
         me = self.opts.identity
         try:
@@ -735,19 +746,20 @@ class Provider:
                 )
             except ApiError as exc2:
                 if exc2.already_exists:
-                    return False
+                    return 0.5  # another replica was first: read its Lease to learn when it expires
                 raise
             API_WRITES.labels("lease").inc()
             base.lease_rv = str(created["metadata"]["resourceVersion"])
             base.owned = True
-            return True
+            return None
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
-        if holder != me and not vnode.lease_expired(lease):
+        left = vnode.lease_seconds_left(lease)
+        if holder != me and left >= 0:
             if base.owned:
                 log.warning("base %s: Lease held by %s; leaving it to that replica", base.base_id, holder)
             base.owned = False
-            return False
+            return left + _LEASE_EXPIRY_MARGIN_S
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if holder == me else 1)
         body = vnode.build_lease(base, me, self.opts.node, transitions)
         body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
@@ -757,14 +769,15 @@ class Provider:
             updated = await self.kube.replace(path, body)
         except ApiError as exc:
             if exc.conflict:
-                return False
+                return 0.5  # someone else wrote it first: look again
             raise
         API_WRITES.labels("lease").inc()
         if holder != me:
+            LEASE_TAKEOVERS.inc()
             log.info("base %s: took over Lease %s from %s", base.base_id, base.node_name, holder or "nobody")
         base.lease_rv = str(updated["metadata"]["resourceVersion"])
         base.owned = True
-        return True
+        return None
 
     async def _renew_lease(self, base: BaseState) -> None:
         if not base.owned:
@@ -826,14 +839,13 @@ class Provider:
 
         async def renew(b: BaseState) -> None:
             async with sem:
-                if b.owned:
-                    await self._renew_lease(b)
-                else:
-                    self.node_queue.add(b.node_name)
+                await self._renew_lease(b)
 
+        # Bases held by another replica are not polled here: sync_node looks at each again when its
+        # Lease would expire.
         while True:
             started = time.monotonic()
-            await asyncio.gather(*(renew(b) for b in list(self.bases.values())), return_exceptions=True)
+            await asyncio.gather(*(renew(b) for b in list(self.bases.values()) if b.owned), return_exceptions=True)
             await asyncio.sleep(max(0.1, interval - (time.monotonic() - started)))
 
     async def _resync_loop(self) -> None:

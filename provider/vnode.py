@@ -23,6 +23,8 @@ class NodeOptions:
     stack: str = keys.DEFAULT_BASE_STACK
     default_memory: str = "4Gi"
     default_cpu: str = "4"
+    #: Lease duration: a standby replica takes a base over this long after its holder's last renewal.
+    lease_duration_s: int = LEASE_DURATION_S
 
 
 def node_labels(base: BaseState, opts: NodeOptions) -> dict[str, str]:
@@ -168,12 +170,17 @@ def parse_micro_time(value: Any) -> dt.datetime | None:
 
 
 def lease_expired(lease: dict[str, Any], now: dt.datetime | None = None) -> bool:
+    return lease_seconds_left(lease, now) < 0
+
+
+def lease_seconds_left(lease: dict[str, Any], now: dt.datetime | None = None) -> float:
+    """Seconds until the Lease expires (negative once it has); -inf if it was never renewed."""
     spec = lease.get("spec") or {}
     renew = parse_micro_time(spec.get("renewTime"))
     if renew is None:
-        return True
+        return float("-inf")
     duration = spec.get("leaseDurationSeconds") or LEASE_DURATION_S
-    return renew + dt.timedelta(seconds=float(duration)) < (now or dt.datetime.now(dt.UTC))
+    return (renew + dt.timedelta(seconds=float(duration)) - (now or dt.datetime.now(dt.UTC))).total_seconds()
 
 
 def build_lease(base: BaseState, holder: str, opts: NodeOptions, transitions: int = 0) -> dict[str, Any]:
@@ -193,7 +200,7 @@ def build_lease(base: BaseState, holder: str, opts: NodeOptions, transitions: in
         "metadata": meta,
         "spec": {
             "holderIdentity": holder,
-            "leaseDurationSeconds": LEASE_DURATION_S,
+            "leaseDurationSeconds": opts.lease_duration_s,
             "acquireTime": now,
             "renewTime": now,
             "leaseTransitions": transitions,
