@@ -55,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the apiserver's, and are shortened to --eviction-toleration-seconds (default 300)",
     )
     parser.add_argument(
+        "--scheduler-name",
+        default="",
+        metavar="NAME",
+        help="set spec.schedulerName of new module Pods that use the default scheduler to NAME: the "
+        "scheduler profile registered with the extender (koupleless-module-scheduler in manifests/); "
+        "default: leave it alone",
+    )
+    parser.add_argument(
         "--shutdown-delay",
         type=float,
         default=0.0,
@@ -70,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         env_taint=args.env_taint,
         eviction_toleration_seconds=args.eviction_toleration_seconds,
         apiserver_toleration_seconds=args.apiserver_toleration_seconds,
+        scheduler_name=args.scheduler_name,
     )
     try:
         tls = ReloadingTLS(args.tls_cert_file, args.tls_private_key_file, args.tls_reload_interval)

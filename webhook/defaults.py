@@ -23,6 +23,9 @@ _NO_EXECUTE = keys.EFFECT_NO_EXECUTE
 #: shortened: any other toleration on these taints was written by someone on purpose (a DaemonSet's
 #: tolerate-forever ones included).
 _EVICTION_TAINTS = (keys.TAINT_NOT_READY, keys.TAINT_UNREACHABLE)
+#: What kube-apiserver's defaulting writes into a Pod that names no scheduler; both it and an
+#: absent name mean "the user did not choose one".
+DEFAULT_SCHEDULER_NAME = "default-scheduler"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,10 @@ class Defaults:
     #: The apiserver's --default-not-ready-toleration-seconds / --default-unreachable-toleration-seconds:
     #: tolerations with exactly this value were added by the apiserver, not the user.
     apiserver_toleration_seconds: int = 300
+    #: `spec.schedulerName` for module Pods that did not choose a scheduler ("" leaves it alone):
+    #: the extender's profile, where node selection is the extender's and it can name the base
+    #: label that does not match (extender/config.py).
+    scheduler_name: str = ""
 
 
 def tolerates(toleration: Any, key: str, value: str, effect: str) -> bool:
@@ -62,15 +69,29 @@ def default_ops(pod: Mapping[str, Any], defaults: Defaults) -> list[Op]:
     if not isinstance(spec, dict):
         return []
     ops: list[Op] = []
+    requests_module = False
     containers = spec.get("containers")
     if isinstance(containers, list):
         for i, container in enumerate(containers):
             if isinstance(container, dict):
                 ops.extend(_biz_version_ops(i, container))
                 ops.extend(_module_resource_ops(i, container))
+                requests_module = True
     ops.extend(_stack_ops(spec))
     ops.extend(_toleration_ops(spec, defaults))
+    # Only beside the module resource: the profile skips the in-tree node-affinity filter and
+    # relies on the extender, which kube-scheduler calls only for Pods that request that resource.
+    if requests_module and defaults.scheduler_name:
+        ops.extend(_scheduler_ops(spec, defaults.scheduler_name))
     return ops
+
+
+def _scheduler_ops(spec: Mapping[str, Any], name: str) -> list[Op]:
+    current = spec.get("schedulerName")
+    # Any other name was picked by the user on purpose, and is kept.
+    if current in (None, "", DEFAULT_SCHEDULER_NAME) and current != name:
+        return [add("/spec/schedulerName", name)]
+    return []
 
 
 def _biz_version_ops(i: int, container: Mapping[str, Any]) -> list[Op]:

@@ -22,6 +22,7 @@ from cryptography import x509
 
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
+from extender.config import MODULE_SCHEDULER_NAME
 from koupleless import keys
 from tests.helpers import wait_until
 from webhook.registration import webhook_configuration
@@ -103,6 +104,8 @@ def webhook(control_plane: ControlPlane) -> Iterator[RunningWebhook]:
             "--tls-reload-interval=0.5",
             f"--apiserver-toleration-seconds={control_plane.timings.default_toleration_seconds}",
             f"--eviction-toleration-seconds={EVICTION_SECONDS}",
+            # as manifests/webhook/deployment.yaml runs it
+            f"--scheduler-name={MODULE_SCHEDULER_NAME}",
         ],
         control_plane.workdir / "logs" / "webhook.log",
     ).start()

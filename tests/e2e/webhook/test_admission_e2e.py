@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from devcluster.cluster import ControlPlane
+from extender.config import MODULE_SCHEDULER_NAME
 from koupleless import keys
 from tests.e2e.webhook.conftest import EVICTION_SECONDS, RunningWebhook
 from tests.helpers import wait_until
@@ -120,6 +121,8 @@ def test_seed_deployment_stripped_of_defaults_is_stored_with_them_restored(
     assert {"name": "BIZ_VERSION", "value": "0.0.1-SNAPSHOT"} in container["env"]
     assert container["resources"]["requests"][keys.RESOURCE_MODULE] == "1"
     assert container["resources"]["limits"][keys.RESOURCE_MODULE] == "1"
+    # the extender's profile, where a base label that does not match is named in the Pod's events
+    assert spec["schedulerName"] == MODULE_SCHEDULER_NAME
     eviction = sorted(
         (t["key"], t.get("tolerationSeconds"))
         for t in spec["tolerations"]
@@ -177,6 +180,7 @@ def test_a_non_module_pod_passes_unchanged(control_plane: ControlPlane, webhook_
         "resources" not in stored["spec"]["containers"][0] or not stored["spec"]["containers"][0]["resources"]
     )
     assert "env" not in stored["spec"]["containers"][0]
+    assert stored["spec"]["schedulerName"] == "default-scheduler"
     # only the apiserver's own defaults
     default_seconds = control_plane.timings.default_toleration_seconds
     assert sorted((t["key"], t.get("tolerationSeconds")) for t in stored["spec"]["tolerations"]) == [

@@ -10,6 +10,7 @@ import jsonpatch
 import orjson
 import pytest
 
+from extender.config import MODULE_SCHEDULER_NAME
 from koupleless import keys
 from tests.unit.webhook.samples import SEED_JAR, review, seed_pod, stripped
 from webhook.admission import decide, parse_review, response_document
@@ -201,3 +202,43 @@ def test_tolerates_follows_kubernetes_rules() -> None:
     )
     assert not tolerates({"operator": "Equal", "value": "True"}, *taint)
     assert tolerates({"operator": "Exists", "effect": "NoExecute"}, *taint)
+
+
+MODULE_PROFILE = Defaults(scheduler_name=MODULE_SCHEDULER_NAME)
+
+
+@pytest.mark.parametrize("current", [None, "", "default-scheduler"])
+def test_module_pod_without_a_chosen_scheduler_goes_to_the_module_profile(current: str | None) -> None:
+    pod = seed_pod()
+    if current is not None:
+        pod["spec"]["schedulerName"] = current
+    stored = admitted(pod, MODULE_PROFILE)
+    assert stored["spec"]["schedulerName"] == MODULE_SCHEDULER_NAME
+    # together with the resource that makes kube-scheduler call the extender for it
+    assert all(keys.RESOURCE_MODULE in c["resources"]["requests"] for c in stored["spec"]["containers"])
+    assert default_ops(stored, MODULE_PROFILE) == []
+
+
+def test_a_scheduler_picked_by_the_user_is_kept() -> None:
+    pod = seed_pod()
+    pod["spec"]["schedulerName"] = "my-scheduler"
+    assert admitted(pod, MODULE_PROFILE)["spec"]["schedulerName"] == "my-scheduler"
+
+
+def test_scheduler_name_is_left_alone_without_the_flag() -> None:
+    pod = seed_pod()
+    pod["spec"]["schedulerName"] = "default-scheduler"
+    assert admitted(pod)["spec"]["schedulerName"] == "default-scheduler"
+    assert "schedulerName" not in admitted(seed_pod())["spec"]
+
+
+@pytest.mark.parametrize("spec", [{}, {"containers": []}, {"containers": ["not a container"]}])
+def test_no_scheduler_name_without_a_container_to_carry_the_module_resource(spec: dict[str, Any]) -> None:
+    assert all(op["path"] != "/spec/schedulerName" for op in default_ops({"spec": spec}, MODULE_PROFILE))
+
+
+def test_updates_never_change_the_scheduler_name() -> None:
+    pod = seed_pod()
+    update = parse_review(review(pod, operation="UPDATE", old=pod))
+    response = response_document("u", decide(update, MODULE_PROFILE))
+    assert "patch" not in response["response"]

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import yaml
 
+from extender.config import MODULE_SCHEDULER_NAME
 from koupleless.cli import build_parser
 from webhook.registration import DEFAULT_NAME, DEFAULT_NAMESPACE, ServiceRef, webhook_configuration
 
 MANIFESTS = Path(__file__).resolve().parents[3] / "manifests" / "webhook"
+SCHEDULER_CONFIG = MANIFESTS.parent / "scheduler" / "kube-scheduler-config.yaml"
 
 
 def load(name: str) -> dict:
@@ -41,3 +43,10 @@ def test_deployment_args_are_flags_the_webhook_accepts() -> None:
     assert parsed.port == container["ports"][0]["containerPort"]
     mount = container["volumeMounts"][0]["mountPath"]
     assert parsed.tls_cert_file.startswith(mount) and parsed.tls_private_key_file.startswith(mount)
+
+
+def test_deployment_sends_module_pods_to_the_extenders_profile() -> None:
+    args = load("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert build_parser(args).parse_args(args).scheduler_name == MODULE_SCHEDULER_NAME
+    profiles = yaml.safe_load(SCHEDULER_CONFIG.read_text())["profiles"]
+    assert MODULE_SCHEDULER_NAME in [p["schedulerName"] for p in profiles]
