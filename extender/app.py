@@ -95,6 +95,9 @@ class Extender:
         self.settings = settings or Settings()
         #: Whether `view.usage` reflects bound module Pods (a Pod watch, or bindings we did).
         self.watches_pods = view is not None if watches_pods is None else watches_pods
+        #: With leader election: whether this replica leads. Only the leader reports ready, so the
+        #: Service sends the scheduler's calls to it; a standby still answers any call it gets.
+        self.leading: Callable[[], bool] | None = None
 
     # --- the decisions, over parsed arguments (also what the tests and the bench call) ----------
 
@@ -278,7 +281,8 @@ class Extender:
         )
 
     def ready(self) -> bool:
-        return self.view is None or self.view.synced
+        synced = self.view is None or self.view.synced
+        return synced and (self.leading is None or self.leading())
 
 
 def make_app(extender: Extender, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:

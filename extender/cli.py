@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
+import socket
 import ssl
 
 from extender.app import DEFAULT_MAX_BODY, Settings
@@ -14,6 +16,7 @@ from extender.server import ExtenderServer
 from koupleless import keys, runtime
 from koupleless.http import ReloadingTLS
 from koupleless.kube import KubeConfig, KubeConfigError, load_config
+from koupleless.kube.leaderelection import LeaderElectionConfig
 
 log = logging.getLogger("extender")
 
@@ -47,7 +50,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
         help="largest request accepted (full-Node requests carry every Node; default %(default)s)",
     )
+    election = parser.add_argument_group(
+        "leader election", "for several replicas: one leads (and alone reports /readyz 200, so the Service "
+        "routes kube-scheduler to it); the others keep their caches warm and take over when its Lease expires")
+    election.add_argument("--leader-elect", action="store_true",
+                          help="campaign for the Lease --leader-elect-namespace/--leader-elect-name (needs a kubeconfig)")
+    election.add_argument("--leader-elect-namespace", default=None,
+                          help="namespace of the Lease (default $POD_NAMESPACE, else module-controller)")
+    election.add_argument("--leader-elect-name", default="module-controller-extender", help="name of the Lease")
+    election.add_argument("--leader-elect-identity", default=None,
+                          help="this replica's name in the Lease (default $POD_NAME or the host name, plus a random suffix)")
+    election.add_argument("--leader-lease-duration", type=float, default=15.0,
+                          help="seconds a standby waits after the Lease last changed before taking it (default 15)")
+    election.add_argument("--leader-renew-deadline", type=float, default=10.0,
+                          help="seconds the leader keeps trying to renew before it stops leading (default 10)")
+    election.add_argument("--leader-retry-period", type=float, default=2.0,
+                          help="seconds between tries to acquire or renew (default 2)")
     runtime.add_logging_arguments(parser)
+
+
+def _election(args: argparse.Namespace) -> LeaderElectionConfig | None:
+    if not args.leader_elect:
+        return None
+    # Unique per process: a restarted replica must not mistake its predecessor's Lease for its own.
+    identity = args.leader_elect_identity or (
+        f"{os.environ.get('POD_NAME') or socket.gethostname()}_{secrets.token_hex(4)}")
+    return LeaderElectionConfig(
+        namespace=args.leader_elect_namespace or os.environ.get("POD_NAMESPACE") or "module-controller",
+        name=args.leader_elect_name,
+        identity=identity,
+        lease_duration=args.leader_lease_duration,
+        renew_deadline=args.leader_renew_deadline,
+        retry_period=args.leader_retry_period,
+    )
 
 
 def _kube_config(args: argparse.Namespace) -> tuple[KubeConfig | None, str | None]:
@@ -81,12 +116,22 @@ def run(args: argparse.Namespace) -> int:
     if error:
         log.error("%s", error)
         return 2
+    election = _election(args)
+    if election is not None:
+        if kube is None:
+            log.error("--leader-elect needs the API server: give --kubeconfig (or run in a cluster), "
+                      "or drop --leader-elect")
+            return 2
+        problems = election.problems()
+        if problems:
+            log.error("%s", "; ".join(problems))
+            return 2
     settings = Settings(strategy=args.strategy, burst_wait=args.burst_wait)
 
     async def main(stop: asyncio.Event) -> int:
         server = ExtenderServer(kube, host=args.host, port=args.port,
                                 ssl_context=tls.context if tls else None, settings=settings,
-                                max_body=args.max_body_bytes)
+                                max_body=args.max_body_bytes, election=election)
         try:
             await server.start(wait_synced=False)
         except OSError as exc:

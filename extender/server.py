@@ -14,6 +14,7 @@ from extender.app import DEFAULT_MAX_BODY, Extender, Settings, make_app
 from extender.cache import KubeBinder, WatchCache
 from extender.view import ClusterView
 from koupleless.kube import KubeClient, KubeConfig
+from koupleless.kube.leaderelection import LeaderElectionConfig, LeaderElector
 
 log = logging.getLogger("extender")
 
@@ -43,8 +44,13 @@ class ExtenderServer:
         ssl_context: ssl.SSLContext | None = None,
         settings: Settings | None = None,
         max_body: int = DEFAULT_MAX_BODY,
+        election: LeaderElectionConfig | None = None,
     ) -> None:
+        if election is not None and kube is None:
+            raise ValueError("leader election needs the API server: give a kubeconfig or drop --leader-elect")
         self.kube = kube
+        self.election = election
+        self.elector: LeaderElector | None = None
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.settings = settings or Settings()
@@ -71,6 +77,11 @@ class ExtenderServer:
             await self.cache.start()
             binder = KubeBinder(self.client)
         self.extender = Extender(view, binder=binder, settings=self.settings)
+        if self.election is not None:
+            assert self.client is not None
+            self.elector = LeaderElector(self.client, self.election)
+            elector = self.elector
+            self.extender.leading = lambda: elector.is_leader
         app = make_app(self.extender, max_body=self.max_body)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
         await self._runner.setup()
@@ -90,6 +101,9 @@ class ExtenderServer:
             view = self.extender.view
             log.info("watch cache synced: %d virtual nodes, %d module pods placed", len(view.bases), len(view.usage))
             freeze_heap()
+            if self.elector is not None:
+                # Campaign only with a warm cache, so whoever leads can answer at once.
+                self.elector.start()
             if self._refreeze is None:
                 self._refreeze = asyncio.get_running_loop().create_task(self._refreeze_forever())
 
@@ -99,6 +113,9 @@ class ExtenderServer:
             freeze_heap()
 
     async def stop(self) -> None:
+        if self.elector is not None:
+            # Not ready first, then free the Lease: the standby takes over at its next try.
+            await self.elector.stop()
         if self._refreeze is not None:
             self._refreeze.cancel()
             await asyncio.gather(self._refreeze, return_exceptions=True)

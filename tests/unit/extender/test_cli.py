@@ -35,3 +35,24 @@ def test_help_lists_the_modes(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for flag in ("--kubeconfig", "--no-kube", "--strategy", "--tls-cert-file", "--burst-wait"):
         assert flag in out
+
+
+def test_leader_election_needs_the_api_server(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["extender", "--no-kube", "--port", "0", "--leader-elect"]) == 2
+    assert "--leader-elect needs the API server" in capsys.readouterr().err
+
+
+def test_leader_election_durations_that_allow_two_leaders_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+    )
+    assert main(["extender", "--port", "0", "--kubeconfig", str(kubeconfig), "--leader-elect",
+                 "--leader-lease-duration", "5", "--leader-renew-deadline", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--leader-lease-duration (5s) must be longer than --leader-renew-deadline (5s)" in err

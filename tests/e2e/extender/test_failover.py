@@ -1,0 +1,210 @@
+"""Two extender replicas as manifests/scheduler runs them: one leads and alone reports ready; when
+the leader dies, the standby takes the Lease and module Pods keep being scheduled through the real
+kube-scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devcluster.cluster import ControlPlane
+from devcluster.processes import ManagedProcess, free_port
+from koupleless.kube import ApiError, KubeClient, load_config
+from koupleless.kube.leaderelection import LeaderElectionConfig, LeaderElector
+from tests.e2e.extender.conftest import (
+    CLI,
+    apply,
+    get_json,
+    manifest_kubeconfig,
+    manifest_scheduler_config,
+    module_pod,
+)
+from tests.e2e.extender.ready_proxy import ReadyProxy
+from tests.e2e.extender.vnodes import VirtualNodes
+from tests.helpers import async_wait_until, wait_until
+
+pytestmark = pytest.mark.controlplane
+
+LEASE_NAMESPACE = "module-controller"
+LEASE_NAME = "module-controller-extender"  # the manifest's default, the one name its Role allows
+LEASE_DURATION = 4.0
+ELECTION_FLAGS = ("--leader-elect", "--leader-lease-duration", str(LEASE_DURATION),
+                  "--leader-renew-deadline", "3", "--leader-retry-period", "0.5")
+
+
+def status_of(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+class Replica:
+    def __init__(self, cp: ControlPlane, kubeconfig: Path, identity: str) -> None:
+        self.identity = identity
+        self.port = free_port()
+        args = [*CLI, "extender", "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1", "--port", str(self.port),
+                "--leader-elect-identity", identity, *ELECTION_FLAGS]
+        self.process = ManagedProcess(identity, args, cp.workdir / "logs" / f"{identity}-{self.port}.log").start()
+
+    def wait_synced(self) -> None:
+        self.process.wait_ready(lambda: "watch cache synced" in self.log(), timeout=60)
+
+    def ready(self) -> bool:
+        return status_of(self.port, "/readyz") == 200
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to release the Lease, so the standby must wait for it to expire."""
+        assert self.process.proc is not None
+        os.killpg(self.process.proc.pid, signal.SIGKILL)
+        self.process.proc.wait(10)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def log(self) -> str:
+        return self.process.log_path.read_text(errors="replace")
+
+
+def lease(cp: ControlPlane) -> dict[str, object]:
+    return dict(get_json(cp, "lease", LEASE_NAME, "-n", LEASE_NAMESPACE)["spec"])
+
+
+def filter_calls(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith('koupleless_extender_requests_total{') and 'verb="filter"' in line and 'outcome="ok"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+def replicas(control_plane: ControlPlane) -> Iterator[list[Replica]]:
+    kubeconfig = manifest_kubeconfig(control_plane)  # also applies the manifest's RBAC, Role included
+    control_plane.kubectl("delete", "lease", LEASE_NAME, "-n", LEASE_NAMESPACE, "--ignore-not-found")
+    started = [Replica(control_plane, kubeconfig, f"extender-{i}") for i in range(2)]
+    try:
+        yield started
+    finally:
+        control_plane.start_scheduler()
+        for replica in started:
+            replica.process.stop()
+        for replica in started:
+            log = replica.log()
+            assert "403" not in log and "Forbidden" not in log, f"{replica.identity} needed more than its manifest RBAC"
+        control_plane.kubectl("delete", "lease", LEASE_NAME, "-n", LEASE_NAMESPACE, "--ignore-not-found")
+
+
+def scheduled_on(cp: ControlPlane, namespace: str, names: list[str]) -> dict[str, str] | None:
+    pods = {p["metadata"]["name"]: p for p in get_json(cp, "pods", "-n", namespace)["items"]}
+    nodes = {n: pods[n]["spec"].get("nodeName") for n in names if n in pods}
+    return nodes if len(nodes) == len(names) and all(nodes.values()) else None
+
+
+def test_the_standby_takes_over_when_the_leader_dies_and_modules_keep_being_scheduled(
+    control_plane: ControlPlane, replicas: list[Replica], vnodes: VirtualNodes, namespace: str
+) -> None:
+    for replica in replicas:
+        replica.wait_synced()
+    leader = wait_until(lambda: next((r for r in replicas if r.ready()), None), timeout=30, what="a leader")
+    (standby,) = [r for r in replicas if r is not leader]
+    # The standby has campaigned (its cache is synced) and lost: not ready, the Lease names the other.
+    wait_until(lambda: lease(control_plane).get("holderIdentity"), timeout=10, what="the Lease to name a holder")
+    assert lease(control_plane)["holderIdentity"] == leader.identity
+    assert status_of(standby.port, "/readyz") == 503
+    assert status_of(standby.port, "/healthz") == 200
+    transitions_before = int(lease(control_plane).get("leaseTransitions") or 0)  # type: ignore[call-overload]
+
+    proxy = ReadyProxy([r.port for r in replicas])
+    try:
+        extenders, profiles = manifest_scheduler_config(proxy.url)
+        control_plane.start_scheduler(extenders=extenders, extra_profiles=profiles)
+        base = f"base-{namespace}"
+        vnodes.add_many([f"virtual-node-{namespace}-{i}" for i in range(3)], base=base, max_modules=2)
+
+        apply(control_plane, module_pod("before", namespace, biz="before", base=base))
+        wait_until(lambda: scheduled_on(control_plane, namespace, ["before"]), timeout=60,
+                   what="a module Pod scheduled through the leader")
+        assert filter_calls(leader.metrics()) >= 1
+        assert filter_calls(standby.metrics()) == 0
+
+        leader.kill()
+        # Not sooner than the Lease allows (its holder could be alive but slow), and not much later.
+        wait_until(standby.ready, timeout=LEASE_DURATION * 3, what="the standby to lead and report ready")
+        spec = lease(control_plane)
+        assert spec["holderIdentity"] == standby.identity
+        assert int(spec["leaseTransitions"]) == transitions_before + 1  # type: ignore[call-overload]
+        assert f"taking it over from {leader.identity}" in standby.log()
+
+        after = [f"after-{i}" for i in range(4)]
+        apply(control_plane, *(module_pod(n, namespace, biz=n, base=base) for n in after))
+        placed = wait_until(lambda: scheduled_on(control_plane, namespace, after), timeout=90,
+                            what="module Pods created after the failover to be scheduled")
+        assert filter_calls(standby.metrics()) >= len(after)
+        # The new leader counted what the old one bound: no base above its 2 modules.
+        everything = scheduled_on(control_plane, namespace, ["before", *after])
+        assert everything is not None and set(placed.items()) <= set(everything.items())
+        per_base: dict[str, int] = {}
+        for node in everything.values():
+            per_base[node] = per_base.get(node, 0) + 1
+        assert max(per_base.values()) <= 2
+        assert proxy.routed and proxy.routed[-1] == standby.port
+    finally:
+        proxy.close()
+
+
+# --- the elector itself, against the real API server ----------------------------------------------
+
+def _config(namespace: str, identity: str, lease_duration: float = 30.0) -> LeaderElectionConfig:
+    return LeaderElectionConfig(namespace=namespace, name="election-test", identity=identity,
+                                lease_duration=lease_duration, renew_deadline=2.0, retry_period=0.3)
+
+
+async def test_racing_replicas_elect_exactly_one_leader(control_plane: ControlPlane, namespace: str) -> None:
+    client = KubeClient(load_config(str(control_plane.kubeconfig)))
+    electors = [LeaderElector(client, _config(namespace, f"r{i}")) for i in range(5)]
+    try:
+        results = await asyncio.gather(*(e.try_acquire_or_renew() for e in electors), return_exceptions=True)
+        winners = [e for e, won in zip(electors, results, strict=True) if won is True]
+        losers = [r for r in results if r is not True]
+        assert len(winners) == 1
+        # The others either saw the winner's Lease or lost the write race (409): never both win.
+        assert all(r is False or (isinstance(r, ApiError) and r.status == 409) for r in losers)
+        spec = (await client.get(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/election-test"))["spec"]
+        assert spec["holderIdentity"] == winners[0].config.identity
+    finally:
+        await client.close()
+
+
+async def test_a_leader_that_stops_hands_over_without_waiting_out_the_lease(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    client = KubeClient(load_config(str(control_plane.kubeconfig)))
+    first = LeaderElector(client, _config(namespace, "first"))
+    second = LeaderElector(client, _config(namespace, "second"))
+    try:
+        first.start()
+        await async_wait_until(lambda: _true(first.is_leader), timeout=10, what="the first elector to lead")
+        second.start()
+        await async_wait_until(lambda: _true(second.holder == "first"), timeout=10, what="the second to see it")
+        assert not second.is_leader
+        await first.stop()  # releases the 30 s Lease
+        assert not first.is_leader
+        # Well inside the 30 s lease duration: only a released Lease allows that.
+        await async_wait_until(lambda: _true(second.is_leader), timeout=10, what="the second elector to lead")
+    finally:
+        await first.stop()
+        await second.stop()
+        await client.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
