@@ -5,12 +5,14 @@ kube-scheduler."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +81,14 @@ def lease(cp: ControlPlane) -> dict[str, object]:
     return dict(get_json(cp, "lease", LEASE_NAME, "-n", LEASE_NAMESPACE)["spec"])
 
 
+def post_filter(port: int, pod: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    body = json.dumps({"Pod": pod, "Nodes": None, "NodeNames": names}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return dict(json.loads(resp.read()))
+
+
 def filter_calls(metrics: str) -> float:
     for line in metrics.splitlines():
         if line.startswith('koupleless_extender_requests_total{') and 'verb="filter"' in line and 'outcome="ok"' in line:
@@ -135,6 +145,17 @@ def test_the_standby_takes_over_when_the_leader_dies_and_modules_keep_being_sche
                    what="a module Pod scheduled through the leader")
         assert filter_calls(leader.metrics()) >= 1
         assert filter_calls(standby.metrics()) == 0
+        # A call that reaches the standby anyway is answered from its own (warm) cache.
+        nodes = [f"virtual-node-{namespace}-{i}" for i in range(3)]
+        probe = module_pod("probe", namespace, biz="before", base=base)
+        probe["metadata"]["uid"] = "probe-uid"
+        answer = post_filter(standby.port, probe, nodes)
+        assert answer["Error"] == ""
+        held = scheduled_on(control_plane, namespace, ["before"])
+        assert held is not None
+        assert answer["FailedAndUnresolvableNodes"] == {held["before"]: "base already has module before"}
+        assert sorted(answer["NodeNames"]) == sorted(n for n in nodes if n != held["before"])
+        standby_calls = filter_calls(standby.metrics())
 
         leader.kill()
         # Not sooner than the Lease allows (its holder could be alive but slow), and not much later.
@@ -148,7 +169,7 @@ def test_the_standby_takes_over_when_the_leader_dies_and_modules_keep_being_sche
         apply(control_plane, *(module_pod(n, namespace, biz=n, base=base) for n in after))
         placed = wait_until(lambda: scheduled_on(control_plane, namespace, after), timeout=90,
                             what="module Pods created after the failover to be scheduled")
-        assert filter_calls(standby.metrics()) >= len(after)
+        assert filter_calls(standby.metrics()) >= standby_calls + len(after)
         # The new leader counted what the old one bound: no base above its 2 modules.
         everything = scheduled_on(control_plane, namespace, ["before", *after])
         assert everything is not None and set(placed.items()) <= set(everything.items())
