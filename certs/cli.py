@@ -13,8 +13,9 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from certs import pki
+from certs import pki, secrets
 from certs.inject import InjectError, inject_live, inject_manifest
+from certs.secrets import SecretError
 from koupleless.kube.client import ApiError, KubeClient
 from koupleless.kube.config import KubeConfigError
 from webhook.registration import DEFAULT_NAME, DEFAULT_NAMESPACE
@@ -66,9 +67,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"patch the CA bundle into the live MutatingWebhookConfiguration NAME (default {DEFAULT_NAME})",
     )
     parser.add_argument(
-        "--kubeconfig", help="kubeconfig for --inject-live (default: $KUBECONFIG, in-cluster, ~/.kube)"
+        "--ca-secret",
+        metavar="NAME",
+        help="keep the CA in this Secret of --namespace (keys ca.crt, ca.key): loaded when it exists, "
+        "else a new CA is made and the Secret created; the CA in --out-dir is then not used",
     )
-    parser.add_argument("--context", help="kubeconfig context for --inject-live")
+    parser.add_argument(
+        "--tls-secret",
+        metavar="NAME",
+        help="create or update this kubernetes.io/tls Secret of --namespace with tls.crt, tls.key and "
+        "ca.crt (the one the webhook Deployment mounts)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        help="kubeconfig for --ca-secret, --tls-secret and --inject-live "
+        "(default: $KUBECONFIG, in-cluster, ~/.kube)",
+    )
+    parser.add_argument(
+        "--context", help="kubeconfig context for --ca-secret, --tls-secret and --inject-live"
+    )
 
 
 def service_names(service: str, namespace: str) -> list[str]:
@@ -83,7 +100,7 @@ def service_names(service: str, namespace: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (InjectError, KubeConfigError, ValueError, OSError) as exc:
+    except (InjectError, SecretError, ApiError, KubeConfigError, ValueError, OSError) as exc:
         print(f"module-controller certs: {exc}", file=sys.stderr)
         return 1
 
@@ -100,21 +117,62 @@ def _run(args: argparse.Namespace) -> int:
     if args.service or not (args.dns_name or args.ip):
         dns_names += service_names(args.service or DEFAULT_NAME, args.namespace)
     out = Path(args.out_dir)
+    if args.ca_secret or args.tls_secret or args.inject_live:
+        return asyncio.run(_run_against_cluster(args, dns_names, out))
     ca, made = load_or_make_ca(out, args.ca_days, new=args.new_ca)
+    print(f"{'new' if made else 'kept'} CA {out / CA_CERT}")
+    _write_leaf(args, ca, dns_names, out)
+    if args.inject_manifest:
+        _inject_manifest(args, ca)
+    return 0
+
+
+async def _run_against_cluster(args: argparse.Namespace, dns_names: list[str], out: Path) -> int:
+    # Order matters for a run that fails half way: the CA is stored before anything is signed with
+    # it, and the webhook's Secret is updated before the apiserver is told to trust its CA.
+    async with KubeClient.from_kubeconfig(args.kubeconfig, args.context) as client:
+        if args.ca_secret:
+            where = f"Secret {args.namespace}/{args.ca_secret}"
+            ca, made = await secrets.load_or_create_ca(
+                client, args.namespace, args.ca_secret, args.ca_days, new=args.new_ca
+            )
+            ca.write(out / CA_CERT, out / CA_KEY)
+            print(f"{'new CA stored in' if made else 'kept CA from'} {where}")
+        else:
+            ca, made = load_or_make_ca(out, args.ca_days, new=args.new_ca)
+            print(f"{'new' if made else 'kept'} CA {out / CA_CERT}")
+        leaf = _write_leaf(args, ca, dns_names, out)
+        if args.tls_secret:
+            created = await secrets.store_tls(client, args.namespace, args.tls_secret, leaf, ca)
+            print(
+                f"serving pair {'stored in new' if created else 'updated in'} Secret {args.namespace}/{args.tls_secret}"
+            )
+        if args.inject_manifest:
+            _inject_manifest(args, ca)
+        if args.inject_live:
+            try:
+                count = await inject_live(client, args.inject_live, ca.cert_pem)
+            except ApiError as exc:
+                raise InjectError(f"MutatingWebhookConfiguration {args.inject_live}: {exc}") from exc
+            print(
+                f"CA bundle patched into {count} webhook(s) of MutatingWebhookConfiguration {args.inject_live}"
+            )
+    return 0
+
+
+def _write_leaf(args: argparse.Namespace, ca: pki.KeyPair, dns_names: list[str], out: Path) -> pki.KeyPair:
     common_name = dns_names[0] if dns_names else args.ip[0]
     leaf = pki.issue(ca, common_name, dns_names=dns_names, ips=args.ip, days=args.days)
     # tls.key before tls.crt: a watcher that sees the new certificate finds its key already there.
     pki.write_file(out / TLS_KEY, leaf.key_pem, private=True)
     pki.write_file(out / TLS_CERT, leaf.cert_pem)
-    print(f"{'new' if made else 'kept'} CA {out / CA_CERT}")
     print(f"serving certificate {out / TLS_CERT} for {', '.join([*dns_names, *args.ip])}, {args.days} days")
-    if args.inject_manifest:
-        count = inject_manifest(args.inject_manifest, ca.cert_pem)
-        print(f"CA bundle written into {count} webhook(s) in {args.inject_manifest}")
-    if args.inject_live:
-        count = asyncio.run(_inject_live(args, ca.cert_pem))
-        print(f"CA bundle patched into {count} webhook(s) of MutatingWebhookConfiguration {args.inject_live}")
-    return 0
+    return leaf
+
+
+def _inject_manifest(args: argparse.Namespace, ca: pki.KeyPair) -> None:
+    count = inject_manifest(args.inject_manifest, ca.cert_pem)
+    print(f"CA bundle written into {count} webhook(s) in {args.inject_manifest}")
 
 
 def load_or_make_ca(out: Path, days: int, *, new: bool = False) -> tuple[pki.KeyPair, bool]:
@@ -125,11 +183,3 @@ def load_or_make_ca(out: Path, days: int, *, new: bool = False) -> tuple[pki.Key
     ca = pki.new_ca(days=days)
     ca.write(cert, key)
     return ca, True
-
-
-async def _inject_live(args: argparse.Namespace, ca_pem: bytes) -> int:
-    async with KubeClient.from_kubeconfig(args.kubeconfig, args.context) as client:
-        try:
-            return await inject_live(client, args.inject_live, ca_pem)
-        except ApiError as exc:
-            raise InjectError(f"MutatingWebhookConfiguration {args.inject_live}: {exc}") from exc

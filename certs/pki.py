@@ -147,6 +147,22 @@ def load(cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]) ->
     return KeyPair(cert, key)
 
 
+def from_pem(cert_pem: bytes, key_pem_bytes: bytes, where: str = "PEM data") -> KeyPair:
+    """A KeyPair from PEM bytes (e.g. a Secret's data); ValueError naming `where` when they are not
+    an ECDSA certificate and its key."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem_bytes, password=None)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not a PEM certificate and private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{where}: expected an ECDSA private key")
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise ValueError(f"{where}: the private key does not belong to the certificate")
+    return KeyPair(cert, key)
+
+
 def write_file(path: str | os.PathLike[str], data: bytes, *, private: bool = False) -> None:
     """Write atomically (temp file + rename), so a process watching `path` never reads half a file."""
     path = Path(path)
