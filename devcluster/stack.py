@@ -114,11 +114,32 @@ class DevStack:
         proc = self._spawn(
             "webhook",
             self._cli("webhook", "--host", "127.0.0.1", "--port", str(port), "--tls-cert-file", str(d / "tls.crt"),
-                      "--tls-private-key-file", str(d / "tls.key"), "--env", self.options.env),
+                      "--tls-private-key-file", str(d / "tls.key"), "--env", self.options.env,
+                      # The dev cluster's own default tolerations are shortened too; say so, so the
+                      # webhook recognises (and sets) them.
+                      "--apiserver-toleration-seconds", str(self.plane.timings.default_toleration_seconds)),
         )
         proc.wait_ready(lambda: _https_ok(f"https://127.0.0.1:{port}/readyz", d / "ca.crt"), timeout=30)
         config = webhook_configuration(f"https://127.0.0.1:{port}/mutate", ca.cert_pem)
         self.plane.kubectl("apply", "-f", "-", input=json.dumps(config))
+        self._wait_until_admitting()
+
+    def _wait_until_admitting(self) -> None:
+        """kube-apiserver picks up a new webhook configuration asynchronously: a server-side dry run
+        of a module Pod only the webhook would refuse tells when it is in force."""
+        probe = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "webhook-probe", "namespace": "default",
+                         "labels": {"module-controller.koupleless.io/component": "module"}},
+            "spec": {"containers": [{"name": "probe", "image": "not-a-jar"}]},
+        }
+
+        def denied() -> bool:
+            out = self.plane.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
+            return out.returncode != 0 and "denied the request" in out.stderr
+
+        self.poll(denied, 30, "kube-apiserver to call the webhook", component="webhook")
 
     def _install_rbac(self) -> None:
         """The ServiceAccounts and RBAC of manifests/, so each component runs with exactly the
