@@ -136,10 +136,13 @@ class Extender:
         view = self.view
 
         candidates = set(names) if bases is None else None
+        #: candidates that are not known bases, when the view has been checked (one set difference
+        #: per look, shared with the indexed filter).
+        unknown: set[str] | None = None
 
         def run() -> FilterOutcome:
             if bases is None and view is not None and self.watches_pods:
-                fast = policy.filter_indexed(pod, names, view, candidates)
+                fast = policy.filter_indexed(pod, names, view, candidates, unknown)
                 if fast is not None:
                     return fast
             lookup = bases.get if bases is not None else view.bases.get  # type: ignore[union-attr]
@@ -147,15 +150,20 @@ class Extender:
 
         if bases is None and view is not None:
             assert candidates is not None
-            unknown = [n for n in candidates.difference(view.bases.keys()) if n.startswith(keys.VNODE_NAME_PREFIX)]
-            if unknown:
-                await view.wait_for_bases(unknown, self.settings.node_wait)
+            # A dict argument takes set.difference's fast path (the strings' cached hashes).
+            unknown = candidates.difference(view.bases)
+            awaited = [n for n in unknown if n.startswith(keys.VNODE_NAME_PREFIX)]
+            if awaited:
+                await view.wait_for_bases(awaited, self.settings.node_wait)
+                unknown = candidates.difference(view.bases)
         outcome = run()
         if view is not None and self.watches_pods and bases is None:
             others = view.inflight_others(pod.key)
             if others and view.inflight_overlaps(outcome.passing, others):
                 settled = await view.settle(pod.key, self.settings.burst_wait)
                 BURST_WAITS.labels("settled" if settled else "timeout").inc()
+                assert candidates is not None
+                unknown = candidates.difference(view.bases)  # bases may have come or gone meanwhile
                 outcome = run()
             if outcome.passing:
                 view.begin_inflight(pod, outcome.passing)

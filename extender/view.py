@@ -12,6 +12,7 @@ verb, which arrives within a millisecond or so of the scheduler's decision, or e
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class ClusterView:
         self.synced = False
         # Indexes for the filter's set-at-a-time path (see policy.filter_indexed).
         self.groups: dict[Group, set[str]] = {}
+        #: group -> reason -> {base: reason} for every base in the group: the filter's answer for a
+        #: group that does not match, reused while the group's members stay the same (the replicas
+        #: of one Deployment all get the same reasons).
+        self._group_failures: dict[Group, dict[str, dict[str, str]]] = {}
         self.not_ready: set[str] = set()
         self.not_vnodes: set[str] = set()
         #: free module slots (0..SLOT_INDEX-1) -> bases; bases with more, or no limit, are absent.
@@ -57,6 +62,8 @@ class ClusterView:
         self._slot_of: dict[str, int] = {}
         #: allocatable memory minus the module Pods' requests, for bases that state their memory.
         self.free_memory: dict[str, int] = {}
+        #: the same as (free, base) pairs in ascending order: the bases short of a request are a prefix.
+        self._by_free_memory: list[tuple[int, str]] = []
 
     # --- bases ---------------------------------------------------------------------------------
 
@@ -73,11 +80,19 @@ class ClusterView:
     def _reslot(self, name: str) -> None:
         """Keep the per-base indexes that depend on usage (free slots, free memory) current."""
         base = self.bases.get(name)
+        free: int | None = None
         if base is not None and base.memory is not None:
             usage = self.usage.get(name)
-            self.free_memory[name] = base.memory - (usage.memory if usage is not None else 0)
-        else:
-            self.free_memory.pop(name, None)
+            free = base.memory - (usage.memory if usage is not None else 0)
+        old_free = self.free_memory.get(name)
+        if old_free != free:
+            if old_free is not None:
+                by_free = self._by_free_memory
+                del by_free[bisect.bisect_left(by_free, (old_free, name))]
+                del self.free_memory[name]
+            if free is not None:
+                bisect.insort(self._by_free_memory, (free, name))
+                self.free_memory[name] = free
         slot: int | None = None
         if base is not None and base.max_modules is not None:
             usage = self.usage.get(name)
@@ -96,24 +111,44 @@ class ClusterView:
             self.slots.setdefault(slot, set()).add(name)
             self._slot_of[name] = slot
 
-    def _unindex(self, info: BaseInfo) -> None:
+    def short_of_memory(self, request: int) -> list[str]:
+        """Bases whose free memory is below `request` (bases that state no memory are never short)."""
+        by_free = self._by_free_memory
+        return [name for _, name in by_free[:bisect.bisect_left(by_free, (request, ""))]]
+
+    def _unindex(self, info: BaseInfo, *, keep_group: bool = False) -> None:
         members = self.groups.get(info.group)
-        if members is not None:
+        if members is not None and not keep_group:
             members.discard(info.name)
+            self._group_failures.pop(info.group, None)
             if not members:
                 del self.groups[info.group]
         self.not_ready.discard(info.name)
         self.not_vnodes.discard(info.name)
+
+    def group_failures(self, group: Group, reason: str) -> dict[str, str]:
+        """{base: reason} for every base in `group`. Shared: read it, never change it."""
+        by_reason = self._group_failures.setdefault(group, {})
+        failures = by_reason.get(reason)
+        if failures is None:
+            if len(by_reason) >= 8:
+                by_reason.clear()
+            failures = by_reason[reason] = dict.fromkeys(self.groups[group], reason)
+        return failures
 
     def upsert_node(self, node: Mapping[str, Any]) -> None:
         info = BaseInfo.from_node(node)
         if not info.name:
             return
         old = self.bases.get(info.name)
+        # Most updates (status, conditions) leave a base in its group: keep that group's answers.
+        same_group = old is not None and old.group == info.group
         if old is not None:
-            self._unindex(old)
+            self._unindex(old, keep_group=same_group)
         self.bases[info.name] = info
-        self.groups.setdefault(info.group, set()).add(info.name)
+        if not same_group:
+            self.groups.setdefault(info.group, set()).add(info.name)
+            self._group_failures.pop(info.group, None)
         if not info.ready:
             self.not_ready.add(info.name)
         if not info.is_vnode:

@@ -259,3 +259,28 @@ def test_placement_on_other_labels_takes_the_per_node_path() -> None:
     pod = ModulePod.from_pod(module_pod("m", extra_expressions=[
         {"key": keys.LABEL_HOSTNAME, "operator": "In", "values": ["a"]}]))
     assert policy.filter_indexed(pod, ["a"], view) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=clusters(), moves=st.lists(st.tuples(st.integers(0, 11), st.sampled_from(["1.1.1", "2", "3"]),
+                                                 st.booleans()), max_size=4), data=st.data())
+def test_a_request_naming_every_base_gets_the_per_node_answer_across_node_changes(
+    case: tuple[ClusterView, dict, list[str]], moves: list[tuple[int, str, bool]], data: st.DataObject
+) -> None:
+    """The scheduler usually names every base, which takes the whole-group path and its reused
+    answers; Nodes that change version, come or go in between must never leave a stale answer."""
+    view, raw_pod, _ = case
+    pod = ModulePod.from_pod(raw_pod)
+    for index, version, remove in [(0, "1.1.1", False), *moves]:
+        name = f"v{index}"
+        if remove:
+            view.remove_node(vnode(name))
+        else:
+            view.upsert_node(vnode(name, version=version))
+        names = data.draw(st.permutations(sorted(view.bases)))
+        fast = policy.filter_indexed(pod, names, view)
+        assert fast is not None
+        slow = policy.filter_pod(pod, [(n, view.bases.get(n)) for n in names], view.usage_of)
+        assert sorted(fast.passing) == sorted(slow.passing)
+        assert fast.failed == slow.failed
+        assert fast.kinds == slow.kinds
