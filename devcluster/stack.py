@@ -24,6 +24,7 @@ from devcluster.binaries import KUBERNETES_VERSION
 from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, StartError, free_port
+from extender.config import MODULE_SCHEDULER_NAME
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 SAMPLE_DEPLOYMENT = MANIFESTS / "samples" / "module-deployment.yaml"
@@ -117,7 +118,9 @@ class DevStack:
                       "--tls-private-key-file", str(d / "tls.key"), "--env", self.options.env,
                       # The dev cluster's own default tolerations are shortened too; say so, so the
                       # webhook recognises (and sets) them.
-                      "--apiserver-toleration-seconds", str(self.plane.timings.default_toleration_seconds)),
+                      "--apiserver-toleration-seconds", str(self.plane.timings.default_toleration_seconds),
+                      # The profile registered with the extender (see _start_extender).
+                      "--scheduler-name", MODULE_SCHEDULER_NAME),
         )
         proc.wait_ready(lambda: _https_ok(f"https://127.0.0.1:{port}/readyz", d / "ca.crt"), timeout=30)
         config = webhook_configuration(f"https://127.0.0.1:{port}/mutate", ca.cert_pem)

@@ -57,6 +57,8 @@ def diagnosis(stack: DevStack) -> str:
     return "\n".join([
         kubectl("get", "pods", "-o", "wide", "-n", "default").stdout,
         kubectl("get", "events", "-n", "default", "--sort-by=.lastTimestamp").stdout[-4000:],
+        *(kubectl("describe", "pod", "-n", "default", p["metadata"]["name"]).stdout[-1500:]
+          for p in stack.sample_pods() if not p["spec"].get("nodeName")),
         orjson.dumps(bases(stack)).decode(),
     ])
 
