@@ -14,6 +14,12 @@ Targets from issue 4 are printed beside each figure as a ratio (figure / target;
 
     python bench/provider_scale.py                      # 200 bases; 1,000 bases / 5,000 modules
     python bench/provider_scale.py --bases 50 --scale-bases 200 --scale-modules 500   # quick
+
+A/B mode measures hops A and B only, for this tree and another source tree, in alternating rounds on
+the same control plane (so a busy machine weighs on both alike), and prints both side by side:
+
+    git archive <commit> | tar -x -C /tmp/baseline
+    python bench/provider_scale.py --compare-with /tmp/baseline --rounds 4
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
 from koupleless import arklet, keys
-from koupleless.kube import Informer, KubeClient, namespace_path, node_path, pod_path
+from koupleless.kube import Informer, KubeClient, lease_path, namespace_path, node_path, pod_path
 from provider.basesim import BaseSimulator, SimBase
 from provider.tunnel import BrokerOptions
 
@@ -119,6 +125,20 @@ def hist_quantiles(port: int, name: str, qs: tuple[float, ...] = (0.5, 0.99)) ->
             buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
     total = buckets[-1][1] if buckets else 0.0
     return int(total), [next((le * 1000 for le, c in buckets if c >= q * total), float("inf")) for q in qs]
+
+
+def counter_sums(port: int, name: str, label: str) -> dict[str, float]:
+    """A provider counter's values summed by one label."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'{label}="' in line:
+            value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
+            sums[value] = sums.get(value, 0.0) + float(line.rsplit(" ", 1)[1])
+    return sums
 
 
 def ready(obj: dict[str, Any]) -> bool:
@@ -214,6 +234,7 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
                   f"(target p99 <= 100 ms: ratio {p99 / 100:.2f})")
 
         for label, metric in (("A bound -> installBiz", "koupleless_provider_bound_to_install_seconds"),
+                              ("B reply -> status PATCH sent", "koupleless_provider_reply_to_status_patch_seconds"),
                               ("B reply -> status stored", "koupleless_provider_reply_to_status_seconds")):
             n, (q50, q99) = hist_quantiles(http_port, metric)
             print(f"[2] inside the provider, hop {label:<24} n={n} p50 <= {q50:g} ms  p99 <= {q99:g} ms  "
@@ -269,6 +290,109 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
             await client.close()
 
 
+async def hop_round(
+    client: KubeClient, broker: Broker, args: argparse.Namespace, *, tag: str, source: str | None
+) -> tuple[list[float], list[float], list[float]]:
+    """One round on a fresh env and namespace: --bases bases, one module Pod per base, created one at
+    a time; (hop A ms, hop B ms, provider's own reply->status bucket bounds [p50, p99])."""
+    env = f"{ENV}{tag}"
+    ns = f"bench-{tag}-{os.getpid()}"
+    await client.create(namespace_path(), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    nodes = Informer(client, node_path(), label_selector=f"{keys.LABEL_VNODE_ENV}={env}", name=f"nodes-{tag}")
+    pods = Informer(client, pod_path(ns), name=f"pods-{tag}")
+    pod_ready_at: dict[str, float] = {}
+
+    def on_pod(obj: dict[str, Any]) -> None:
+        if ready(obj):
+            pod_ready_at.setdefault(obj["metadata"]["name"], time.monotonic())
+
+    pods.add_handler(on_pod, lambda _o, n: on_pod(n))
+    nodes.start()
+    pods.start()
+    await asyncio.gather(nodes.wait_synced(), pods.wait_synced())
+    http_port = free_port()
+    provider = ManagedProcess(
+        f"provider-{tag}",
+        [
+            sys.executable, "-m", "koupleless", "provider", "--kubeconfig", args.kubeconfig,
+            "--mqtt-broker", broker.address, "--env", env, "--identity", f"bench-{tag}",
+            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--workers", str(args.workers),
+            "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
+        ],
+        Path(args.workdir) / f"provider-{tag}.log",
+        # A source tree first on the path wins over the editable install (its finder comes last).
+        env={**os.environ, "PYTHONPATH": source} if source else None,
+    ).start()
+    fleet = TimedFleet(BrokerOptions(broker.host, broker.port), env=env, count=args.bases, id_prefix=f"{tag}-",
+                       heartbeat_interval=10.0)
+    try:
+        await asyncio.to_thread(provider.wait_ready, lambda: _http_ok(http_port), 60)
+        await fleet.start()
+        await wait_for(lambda: sum(ready(n) for n in nodes.list()) >= args.bases, 300, f"{args.bases} Ready Nodes")
+        node_names = sorted(keys.vnode_name(b) for b in fleet.bases)
+        batch = [module_pod(ns, f"m-{i}", node, 1) for i, node in enumerate(node_names)]
+        writes0 = counter_sums(http_port, "koupleless_provider_api_writes_total", "what")
+        calls0 = counter_sums(http_port, "koupleless_kube_requests_total", "verb")
+        _, acked = await create_pods(client, batch, args.hop_concurrency)
+        await wait_for(lambda: len(pod_ready_at) >= len(batch), 300, "module Pods Ready")
+        writes1 = counter_sums(http_port, "koupleless_provider_api_writes_total", "what")
+        calls1 = counter_sums(http_port, "koupleless_kube_requests_total", "verb")
+        spent = {k: int(v - writes0.get(k, 0)) for k, v in writes1.items() if v > writes0.get(k, 0)}
+        calls = {k: int(v - calls0.get(k, 0)) for k, v in calls1.items() if v > calls0.get(k, 0)}
+        print(f"    {tag}: provider API requests while the Pods were created and became Ready: {calls} "
+              f"(writes by kind: {spent})")
+        hop_a, hop_b = [], []
+        for i, node in enumerate(node_names):
+            base_id = node[len(keys.VNODE_NAME_PREFIX):]
+            hop_a.append((fleet.install_received[(base_id, "biz0")] - acked[f"m-{i}"]) * 1000)
+            hop_b.append((pod_ready_at[f"m-{i}"] - fleet.reply_sent[(base_id, "biz0")]) * 1000)
+        _, inside = hist_quantiles(http_port, "koupleless_provider_reply_to_status_seconds")
+        _, own = hist_quantiles(http_port, "koupleless_provider_reply_to_status_patch_seconds")
+        if own[0] != float("inf"):
+            print(f"    {tag}: inside the provider, reply -> status PATCH sent p50 <= {own[0]:g} ms  p99 <= {own[1]:g} ms")
+        return hop_a, hop_b, inside
+    finally:
+        await fleet.stop(graceful=False)
+        provider.stop()
+        await nodes.stop()
+        await pods.stop()
+        # No kubelet finalizes these Pods once the provider is gone: remove them outright, and the
+        # round's Nodes and Leases, so later rounds run against the same cluster size.
+        await client.request("DELETE", pod_path(ns), json={"gracePeriodSeconds": 0}, expected=(200,))
+        await client.delete(namespace_path(ns))
+        await client.request("DELETE", node_path(), params={"labelSelector": f"{keys.LABEL_VNODE_ENV}={env}"},
+                             expected=(200,))
+        await client.request("DELETE", lease_path("kube-node-lease"),
+                             params={"labelSelector": f"{keys.LABEL_VNODE_ENV}={env}"}, expected=(200,))
+
+
+async def compare(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:
+    client = KubeClient.from_kubeconfig(str(cp.kubeconfig), qps=None)
+    args.kubeconfig = str(cp.kubeconfig)
+    hops: dict[str, tuple[list[float], list[float]]] = {"baseline": ([], []), "current": ([], [])}
+    sources = {"baseline": args.compare_with, "current": None}
+    try:
+        for r in range(args.rounds):
+            # Alternate who goes first, so neither always gets the warmer (or busier) slot.
+            order = ["baseline", "current"] if r % 2 == 0 else ["current", "baseline"]
+            for variant in order:
+                a, b, inside = await hop_round(client, broker, args, tag=f"r{r}{variant[0]}", source=sources[variant])
+                hops[variant][0].extend(a)
+                hops[variant][1].extend(b)
+                print(f"    round {r} {variant:<8}: hop A p50={pct(a, 50):5.1f} p99={pct(a, 99):6.1f} ms   "
+                      f"hop B p50={pct(b, 50):5.1f} p99={pct(b, 99):6.1f} ms   "
+                      f"inside reply->status p50<={inside[0]:g} p99<={inside[1]:g} ms", flush=True)
+    finally:
+        await client.close()
+    print(f"A/B over {args.rounds} rounds x {args.bases} Pods each; baseline = {args.compare_with}")
+    for label, idx in (("A bound -> installBiz", 0), ("B ACTIVATED -> Ready", 1)):
+        base, cur = hops["baseline"][idx], hops["current"][idx]
+        print(f"  hop {label:<22} baseline p50={pct(base, 50):6.1f} p99={pct(base, 99):6.1f} ms | "
+              f"current p50={pct(cur, 50):6.1f} p99={pct(cur, 99):6.1f} ms | "
+              f"current/baseline p50 {pct(cur, 50) / pct(base, 50):.2f} p99 {pct(cur, 99) / pct(base, 99):.2f}"
+              f" | current p99 / 100 ms target {pct(cur, 99) / 100:.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bases", type=int, default=200)
@@ -283,14 +407,19 @@ def main() -> int:
     parser.add_argument("--provider-log-level", default="warning")
     parser.add_argument("--steady-seconds", type=float, default=30.0)
     parser.add_argument("--workdir", default="/tmp/koupleless-bench-provider")
+    parser.add_argument("--compare-with", default=None, metavar="DIR",
+                        help="A/B: hops only, this tree vs the source tree DIR, in alternating rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="A/B rounds (each runs both variants)")
     args = parser.parse_args()
+    if args.compare_with and not (Path(args.compare_with) / "provider" / "controller.py").exists():
+        parser.error(f"--compare-with {args.compare_with}: not a source tree (no provider/controller.py)")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     cp = ControlPlane().start()
     broker = Broker().start()
     try:
         import uvloop
 
-        uvloop.run(bench(args, cp, broker))
+        uvloop.run(compare(args, cp, broker) if args.compare_with else bench(args, cp, broker))
     finally:
         broker.stop()
         cp.stop()

@@ -118,4 +118,17 @@ def run(args: argparse.Namespace) -> int:
         await kube.close()
         return 0
 
-    return runtime.run_until_stopped(main)
+    profile_to = os.environ.get("KOUPLELESS_PROFILE")
+    if not profile_to:
+        return runtime.run_until_stopped(main)
+    # For bench/: the event loop thread's Python time, written as pstats when the process stops.
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        return runtime.run_until_stopped(main)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile_to)
+        log.info("profile written to %s", profile_to)

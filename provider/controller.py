@@ -56,8 +56,15 @@ REPLY_TO_STATUS = Histogram(
 LEASE_TAKEOVERS = Counter(
     "koupleless_provider_lease_takeovers_total", "Base Leases this replica took over from another holder"
 )
+REPLY_TO_PATCH_SENT = Histogram(
+    "koupleless_provider_reply_to_status_patch_seconds",
+    "From a base's installBiz reply arriving to the Pod status PATCH being sent: this process's own share "
+    "of reply_to_status, the rest is the API server", buckets=_FINE,
+)
 
 COMPONENT = "koupleless-provider"
+#: Renewals still waiting for the API server beyond this are skipped for the round, not stacked up.
+_MAX_RENEWALS_IN_FLIGHT = 64
 #: A standby looks at a Lease this long after it should have expired (clock skew, a late renewal).
 _LEASE_EXPIRY_MARGIN_S = 0.25
 #: How long a fresh Pod's "Installing" status waits for the base's answer before it is written.
@@ -112,6 +119,8 @@ class Provider:
         self.records: dict[str, PodRecord] = {}
         self.finalized: set[str] = set()
         self._first_seen: dict[str, float] = {}
+        #: Pod key -> Events (type, reason, message) to write once its status write is done.
+        self._after_status: dict[str, list[tuple[dict[str, Any], str, str, str]]] = {}
         self.pod_queue = WorkQueue("pods", self.sync_pod, workers=opts.workers)
         self.node_queue = WorkQueue("nodes", self.sync_node, workers=opts.workers)
         self._loops: list[asyncio.Task[None]] = []
@@ -271,7 +280,7 @@ class Provider:
             if not base.ready:
                 base.ready = True
                 log.info("base %s is ready", base_id)
-                self._request_inventory(base, force=True)
+                self._request_inventory(base, force=not base.inventory_requested_at)
                 self._enqueue_pods_on(base.node_name)
                 changed = True
         elif base.ready:
@@ -351,6 +360,13 @@ class Provider:
         pod = self.pods.get(pod_key)
         if rec is None:
             return
+        # The Events this reply causes are written after the Pod's status (sync_pod runs next, the
+        # Pod is queued below): the status is what makes the Pod Ready, and an Event written at the
+        # same moment only competes with it for the API server.
+        def event(type_: str, reason: str, message: str) -> None:
+            if pod is not None:
+                self._after_status.setdefault(pod_key, []).append((pod, type_, reason, message))
+
         for name, pend in list(rec.pending.items()):
             if pend.command != op.command or pend.module.biz_key != op.key:
                 continue
@@ -361,21 +377,21 @@ class Provider:
                     rec.started[name] = iso()
                     rec.reply_at = time.monotonic()
                     rec.failed.pop(name, None)
-                    self._event(pod, "Normal", "Installed", f"Installed module {op.key} on base {base.base_id}")
+                    event("Normal", "Installed", f"Installed module {op.key} on base {base.base_id}")
                 else:
                     rec.failed[name] = (op.key, op.message or f"installBiz {op.key} failed: {op.code}")
-                    self._event(pod, "Warning", "InstallFailed",
-                                f"Base {base.base_id} failed to install {op.key}: {op.message or op.code}")
+                    event("Warning", "InstallFailed",
+                          f"Base {base.base_id} failed to install {op.key}: {op.message or op.code}")
             else:
                 inst = rec.installed.get(name)
                 if inst is not None and inst.biz_key == op.key:
                     del rec.installed[name]
                     rec.started.pop(name, None)
                 if not op.success and "NOT_FOUND" not in op.message.upper():
-                    self._event(pod, "Warning", "UninstallFailed",
-                                f"Base {base.base_id} failed to uninstall {op.key}: {op.message or op.code}")
+                    event("Warning", "UninstallFailed",
+                          f"Base {base.base_id} failed to uninstall {op.key}: {op.message or op.code}")
                 else:
-                    self._event(pod, "Normal", "Uninstalled", f"Uninstalled module {op.key} from base {base.base_id}")
+                    event("Normal", "Uninstalled", f"Uninstalled module {op.key} from base {base.base_id}")
                 if pod is not None and not (pod.get("metadata") or {}).get("deletionTimestamp"):
                     rec.restarts[name] = rec.restarts.get(name, 0) + 1
 
@@ -473,7 +489,11 @@ class Provider:
 
     async def sync_pod(self, key: str) -> float | None:
         with POD_SYNC_SECONDS.time():
-            return await self._sync_pod(key)
+            try:
+                return await self._sync_pod(key)
+            finally:
+                for pod, type_, reason, message in self._after_status.pop(key, ()):
+                    self._event(self.pods.get(key) or pod, type_, reason, message)
 
     async def _sync_pod(self, key: str) -> float | None:
         pod = self.pods.get(key)
@@ -617,6 +637,8 @@ class Provider:
             return
         meta = pod.get("metadata") or {}
         started = time.monotonic()
+        if rec.reply_at:
+            REPLY_TO_PATCH_SENT.observe(started - rec.reply_at)
         try:
             written = await self.kube.patch(pod_path(meta.get("namespace"), meta.get("name")), {"status": status},
                                             "strategic", subresource="status")
@@ -834,19 +856,27 @@ class Provider:
             log.warning("deleting Node %s failed: %s", base.node_name, exc)
 
     async def _lease_loop(self) -> None:
+        """Renew every owned Lease once per interval, each at its own moment: renewing them all at
+        once put hundreds of writes in front of the API server every interval, and a module's
+        status write that fell into that burst waited behind them."""
         interval = self.opts.lease_renew_interval
-        sem = asyncio.Semaphore(32)
-
-        async def renew(b: BaseState) -> None:
-            async with sem:
-                await self._renew_lease(b)
-
-        # Bases held by another replica are not polled here: sync_node looks at each again when its
-        # Lease would expire.
+        loop = asyncio.get_running_loop()
+        renewing: set[asyncio.Task[None]] = set()
         while True:
-            started = time.monotonic()
-            await asyncio.gather(*(renew(b) for b in list(self.bases.values()) if b.owned), return_exceptions=True)
-            await asyncio.sleep(max(0.1, interval - (time.monotonic() - started)))
+            started = loop.time()
+            owned = [b for b in self.bases.values() if b.owned]
+            # Spread over most of the interval; the rest absorbs slow renewals before the next round.
+            step = interval * 0.8 / max(len(owned), 1)
+            for i, base in enumerate(owned):
+                wait = started + i * step - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not base.owned or len(renewing) >= _MAX_RENEWALS_IN_FLIGHT:
+                    continue
+                task = loop.create_task(self._renew_lease(base))
+                renewing.add(task)
+                task.add_done_callback(renewing.discard)
+            await asyncio.sleep(max(0.1, started + interval - loop.time()))
 
     async def _resync_loop(self) -> None:
         last_health = time.monotonic()
