@@ -329,6 +329,8 @@ async def hop_round(
         await asyncio.to_thread(provider.wait_ready, lambda: _http_ok(http_port), 60)
         await fleet.start()
         await wait_for(lambda: sum(ready(n) for n in nodes.list()) >= args.bases, 300, f"{args.bases} Ready Nodes")
+        # Measure a fleet in its steady state: heartbeats and Lease renewals running, not just registered.
+        await asyncio.sleep(args.settle_seconds)
         node_names = sorted(keys.vnode_name(b) for b in fleet.bases)
         batch = [module_pod(ns, f"m-{i}", node, 1) for i, node in enumerate(node_names)]
         writes0 = counter_sums(http_port, "koupleless_provider_api_writes_total", "what")
@@ -410,6 +412,8 @@ def main() -> int:
     parser.add_argument("--compare-with", default=None, metavar="DIR",
                         help="A/B: hops only, this tree vs the source tree DIR, in alternating rounds")
     parser.add_argument("--rounds", type=int, default=4, help="A/B rounds (each runs both variants)")
+    parser.add_argument("--settle-seconds", type=float, default=12.0,
+                        help="A/B: wait this long after the Nodes are Ready (one Lease renewal round) before the Pods")
     args = parser.parse_args()
     if args.compare_with and not (Path(args.compare_with) / "provider" / "controller.py").exists():
         parser.error(f"--compare-with {args.compare_with}: not a source tree (no provider/controller.py)")
