@@ -130,7 +130,11 @@ class ModulePod:
             placement=placement_of(pod),
             base=base_requirement(spec),
             node_name=node_name if isinstance(node_name, str) else "",
-            terminal=_dict(pod.get("status")).get("phase") in _TERMINAL_PHASES,
+            # A Pod being deleted is leaving its base (the provider uninstalls it, then deletes it):
+            # counting it until the final delete races kube-scheduler, whose retry on that delete can
+            # arrive before this cache has seen it, and then nothing wakes the Pod up again.
+            terminal=_dict(pod.get("status")).get("phase") in _TERMINAL_PHASES
+            or bool(meta.get("deletionTimestamp")),
             is_module=keys.is_module_pod_labels(_dict(meta.get("labels"))),
         )
 
