@@ -263,32 +263,29 @@ class ControlPlane:
             return bool(resp.status == 200)
 
     def _write_kubeconfig(self) -> None:
-        def b64(data: bytes) -> str:
-            return base64.b64encode(data).decode()
+        user = {
+            "client-certificate-data": base64.b64encode(self.admin.cert_pem).decode(),
+            "client-key-data": base64.b64encode(self.admin.key_pem).decode(),
+        }
+        self._write_kubeconfig_file(self.kubeconfig, "admin", user)
 
+    def _write_kubeconfig_file(
+        self, path: Path, user_name: str, user: dict[str, str], namespace: str | None = None
+    ) -> None:
         assert self.ca is not None
+        context: dict[str, str] = {"cluster": "devcluster", "user": user_name}
+        if namespace:
+            context["namespace"] = namespace
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [
-                {
-                    "name": "devcluster",
-                    "cluster": {"server": self.server, "certificate-authority-data": b64(self.ca.cert_pem)},
-                }
-            ],
-            "users": [
-                {
-                    "name": "admin",
-                    "user": {
-                        "client-certificate-data": b64(self.admin.cert_pem),
-                        "client-key-data": b64(self.admin.key_pem),
-                    },
-                }
-            ],
-            "contexts": [{"name": "devcluster", "context": {"cluster": "devcluster", "user": "admin"}}],
-            "current-context": "devcluster",
+            "clusters": [{"name": "devcluster", "cluster": {
+                "server": self.server, "certificate-authority-data": base64.b64encode(self.ca.cert_pem).decode()}}],
+            "users": [{"name": user_name, "user": user}],
+            "contexts": [{"name": user_name, "context": context}],
+            "current-context": user_name,
         }
-        pki.write_file(self.kubeconfig, yaml.safe_dump(config).encode(), private=True)
+        pki.write_file(path, yaml.safe_dump(config).encode(), private=True)
 
     def _start_controller_manager(self) -> None:
         port = free_port()
@@ -337,20 +334,8 @@ class ControlPlane:
         """A kubeconfig that authenticates as the ServiceAccount `namespace/name` (a bound token), so a
         component runs with exactly the RBAC its manifests grant."""
         token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={hours}h").stdout.strip()
-        assert self.ca is not None
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "devcluster", "cluster": {
-                "server": self.server,
-                "certificate-authority-data": base64.b64encode(self.ca.cert_pem).decode()}}],
-            "users": [{"name": name, "user": {"token": token}}],
-            "contexts": [{"name": name, "context": {"cluster": "devcluster", "user": name,
-                                                    "namespace": namespace}}],
-            "current-context": name,
-        }
         path = self.workdir / f"sa-{namespace}-{name}.kubeconfig"
-        pki.write_file(path, yaml.safe_dump(config).encode(), private=True)
+        self._write_kubeconfig_file(path, name, {"token": token}, namespace)
         return path
 
     def wait_for_service_account(self, namespace: str, timeout: float = 60) -> None:
