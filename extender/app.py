@@ -103,7 +103,7 @@ class Extender:
 
     def _usage_for_request(self, bases: dict[str, BaseInfo] | None) -> Callable[[str], BaseUsage | None]:
         if self.view is not None and self.watches_pods:
-            return self.view.usage_of
+            return self.view.usage.get_fast
         if bases is None:
             return lambda _name: None
         # No Pod watch: the provider's own count on each Node is all there is.

@@ -251,8 +251,8 @@ def _rank_scores(keyed: list[tuple[tuple[int, int, int], str]]) -> dict[str, int
     if len(distinct) <= 1:
         return {name: MAX_SCORE for _, name in keyed}
     last = len(distinct) - 1
-    rank = {k: i for i, k in enumerate(distinct)}
-    return {name: round(MAX_SCORE * (last - rank[k]) / last) for k, name in keyed}
+    score_of = {k: round(MAX_SCORE * (last - i) / last) for i, k in enumerate(distinct)}
+    return {name: score_of[k] for k, name in keyed}
 
 
 def prioritize_pod(
