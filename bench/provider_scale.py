@@ -43,6 +43,7 @@ from provider.basesim import BaseSimulator, SimBase
 from provider.tunnel import BrokerOptions
 
 ENV = "bench"
+REPO = Path(__file__).resolve().parents[1]
 
 
 class TimedFleet(BaseSimulator):
@@ -314,14 +315,16 @@ async def hop_round(
     provider = ManagedProcess(
         f"provider-{tag}",
         [
-            sys.executable, "-m", "koupleless", "provider", "--kubeconfig", args.kubeconfig,
+            # `python -m` would put this directory first on the path; the variant's tree must come first.
+            sys.executable, "-c",
+            "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('koupleless', run_name='__main__')",
+            source or str(REPO),
+            "provider", "--kubeconfig", args.kubeconfig,
             "--mqtt-broker", broker.address, "--env", env, "--identity", f"bench-{tag}",
             "--http-host", "127.0.0.1", "--http-port", str(http_port), "--workers", str(args.workers),
             "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
         ],
         Path(args.workdir) / f"provider-{tag}.log",
-        # A source tree first on the path wins over the editable install (its finder comes last).
-        env={**os.environ, "PYTHONPATH": source} if source else None,
     ).start()
     fleet = TimedFleet(BrokerOptions(broker.host, broker.port), env=env, count=args.bases, id_prefix=f"{tag}-",
                        heartbeat_interval=10.0)
