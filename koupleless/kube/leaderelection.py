@@ -108,7 +108,8 @@ class LeaderElector:
         self._set_leader(False)
         if was_leader and release:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._release(), timeout=self.config.renew_deadline)
+                async with asyncio.timeout(self.config.renew_deadline):
+                    await self._release()
 
     async def _run(self) -> None:
         cfg = self.config
@@ -121,8 +122,11 @@ class LeaderElector:
                 left = cfg.renew_deadline - (time.monotonic() - last_renewal)
                 renewed = False
                 if left > 0:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                    # that arrives as the call finishes, and stop() would wait forever.
                     try:
-                        renewed = await asyncio.wait_for(self._try_quietly(), timeout=left)
+                        async with asyncio.timeout(left):
+                            renewed = await self._try_quietly()
                     except TimeoutError:
                         renewed = False
                 if renewed:
