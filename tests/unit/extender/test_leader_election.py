@@ -4,7 +4,9 @@ tests/e2e/extender/test_failover.py."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import random
 import time
 from typing import Any
 
@@ -122,6 +124,25 @@ async def test_a_leader_whose_connection_comes_back_rejoins_as_standby() -> None
     finally:
         for elector in electors.values():
             await elector.stop()
+
+
+async def test_stop_returns_whenever_it_is_called() -> None:
+    """A shutdown that lands while a renewal completes must not be lost (asyncio.wait_for on 3.11
+    swallowed it, and the process never exited)."""
+    rnd = random.Random(5)
+    for i in range(150):
+        fast = LeaderElectionConfig(namespace="ns", name=f"lease-{i}", identity="a", lease_duration=0.05,
+                                    renew_deadline=0.03, retry_period=0.001)
+        elector = LeaderElector(Connection(LeaseStore()), fast)  # type: ignore[arg-type]
+        elector.start()
+        await asyncio.sleep(rnd.uniform(0, 0.01))
+        stopping = asyncio.ensure_future(elector.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=5)
+        if not done:
+            assert elector._task is not None
+            elector._task.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
+        assert done, f"stop() never returned (attempt {i})"
 
 
 def test_durations_that_could_make_two_leaders_are_refused() -> None:
