@@ -53,7 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="modules on a base with no Pod: report them (Event, metric, log), or also uninstall them",
     )
     parser.add_argument("--workers", type=int, default=16, help="concurrent Pod and Node syncs (default 16)")
-    parser.add_argument("--kube-qps", type=float, default=200.0, help="API request rate limit (default 200/s)")
+    parser.add_argument(
+        "--kube-qps", type=float, default=200.0,
+        help="API request rate limit, burst twice that (default 200/s). Lease renewals alone take bases/10 per "
+        "second (every base's Lease every 10 s), and each module install two Events and a status write: with "
+        "more than ~500 bases raise it, or status writes wait in this limiter behind renewals",
+    )
     parser.add_argument("--http-host", default="0.0.0.0", help="address for /healthz /readyz /metrics")
     parser.add_argument("--http-port", type=int, default=8081, help="port for /healthz /readyz /metrics (0: off)")
     runtime.add_logging_arguments(parser)

@@ -124,6 +124,7 @@ class Provider:
         self.pod_queue = WorkQueue("pods", self.sync_pod, workers=opts.workers)
         self.node_queue = WorkQueue("nodes", self.sync_node, workers=opts.workers)
         self._loops: list[asyncio.Task[None]] = []
+        self._renewing: set[asyncio.Task[None]] = set()
         self.started = False
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -162,9 +163,9 @@ class Provider:
             self._publish(base, arklet.CMD_HEALTH)
 
     async def stop(self) -> None:
-        for task in self._loops:
+        for task in [*self._loops, *self._renewing]:
             task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._renewing, return_exceptions=True)
         await self.pod_queue.stop()
         await self.node_queue.stop()
         await self.tunnel.stop()
@@ -861,7 +862,7 @@ class Provider:
         status write that fell into that burst waited behind them."""
         interval = self.opts.lease_renew_interval
         loop = asyncio.get_running_loop()
-        renewing: set[asyncio.Task[None]] = set()
+        renewing = self._renewing
         while True:
             started = loop.time()
             owned = [b for b in self.bases.values() if b.owned]
