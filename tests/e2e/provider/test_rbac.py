@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.e2e.provider.conftest import System
 from tests.e2e.provider.modules import pods, running_ready, sample_deployment
@@ -21,13 +20,7 @@ def test_provider_works_with_exactly_the_manifest_rbac(system: System, namespace
     ns_yaml = cp.kubectl("create", "namespace", "module-controller", "--dry-run=client", "-o", "yaml").stdout
     cp.kubectl("apply", "-f", "-", input=ns_yaml)
     cp.kubectl("apply", "-f", str(MANIFESTS / "serviceaccount.yaml"), "-f", str(MANIFESTS / "rbac.yaml"))
-    token = cp.kubectl("create", "token", "module-controller-provider", "-n", "module-controller",
-                       "--duration=1h").stdout.strip()
-    config = yaml.safe_load(Path(cp.kubeconfig).read_text())
-    for user in config["users"]:
-        user["user"] = {"token": token}
-    kubeconfig = system.workdir / "provider.kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump(config))
+    kubeconfig = cp.service_account_kubeconfig("module-controller", "module-controller-provider", hours=1)
 
     system.start_provider("--kubeconfig", str(kubeconfig))
     sim = system.start_sim(count=2)
