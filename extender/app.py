@@ -95,9 +95,6 @@ class Extender:
         self.settings = settings or Settings()
         #: Whether `view.usage` reflects bound module Pods (a Pod watch, or bindings we did).
         self.watches_pods = view is not None if watches_pods is None else watches_pods
-        #: With leader election: whether this replica leads. Only the leader reports ready, so the
-        #: Service sends the scheduler's calls to it; a standby still answers any call it gets.
-        self.leading: Callable[[], bool] | None = None
 
     # --- the decisions, over parsed arguments (also what the tests and the bench call) ----------
 
@@ -289,8 +286,9 @@ class Extender:
         )
 
     def ready(self) -> bool:
-        synced = self.view is None or self.view.synced
-        return synced and (self.leading is None or self.leading())
+        # Leading is not part of it: the Service picks the leader by its Pod label, so every replica
+        # is Ready once synced, and rollouts, `rollout status` and drains work as for any Deployment.
+        return self.view is None or self.view.synced
 
 
 def make_app(extender: Extender, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:

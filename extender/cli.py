@@ -51,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request accepted (full-Node requests carry every Node; default %(default)s)",
     )
     election = parser.add_argument_group(
-        "leader election", "for several replicas: one leads (and alone reports /readyz 200, so the Service "
-        "routes kube-scheduler to it); the others keep their caches warm and take over when its Lease expires")
+        "leader election", "for several replicas: one leads and labels its own Pod ($POD_NAMESPACE/$POD_NAME) "
+        f"{keys.LABEL_EXTENDER_ROLE}={keys.EXTENDER_ROLE_LEADER}, which the Service selects, so kube-scheduler "
+        "reaches the leader only; the others keep their caches warm and take over when its Lease expires. "
+        "Every replica reports /readyz 200 once its cache is synced")
     election.add_argument("--leader-elect", action="store_true",
                           help="campaign for the Lease --leader-elect-namespace/--leader-elect-name (needs a kubeconfig)")
     election.add_argument("--leader-elect-namespace", default=None,
@@ -74,15 +76,28 @@ def _election(args: argparse.Namespace) -> LeaderElectionConfig | None:
         return None
     # Unique per process: a restarted replica must not mistake its predecessor's Lease for its own.
     identity = args.leader_elect_identity or (
-        f"{os.environ.get('POD_NAME') or socket.gethostname()}_{secrets.token_hex(4)}")
+        f"{os.environ.get(keys.ENV_POD_NAME) or socket.gethostname()}_{secrets.token_hex(4)}")
     return LeaderElectionConfig(
-        namespace=args.leader_elect_namespace or os.environ.get("POD_NAMESPACE") or "module-controller",
+        namespace=args.leader_elect_namespace or os.environ.get(keys.ENV_POD_NAMESPACE) or "module-controller",
         name=args.leader_elect_name,
         identity=identity,
         lease_duration=args.leader_lease_duration,
         renew_deadline=args.leader_renew_deadline,
         retry_period=args.leader_retry_period,
     )
+
+
+def _leader_pod(election: LeaderElectionConfig | None) -> tuple[str, str] | None:
+    """The Pod to label while leading: $POD_NAMESPACE (else the Lease's namespace) / $POD_NAME."""
+    if election is None:
+        return None
+    name = os.environ.get(keys.ENV_POD_NAME)
+    if not name:
+        log.warning("--leader-elect without $%s: the leader's Pod is not labelled %s=%s, so a Service selecting "
+                    "that label has no endpoints (set %s from the downward API, fieldPath metadata.name)",
+                    keys.ENV_POD_NAME, keys.LABEL_EXTENDER_ROLE, keys.EXTENDER_ROLE_LEADER, keys.ENV_POD_NAME)
+        return None
+    return os.environ.get(keys.ENV_POD_NAMESPACE) or election.namespace, name
 
 
 def _kube_config(args: argparse.Namespace) -> tuple[KubeConfig | None, str | None]:
@@ -131,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> int:
         server = ExtenderServer(kube, host=args.host, port=args.port,
                                 ssl_context=tls.context if tls else None, settings=settings,
-                                max_body=args.max_body_bytes, election=election)
+                                max_body=args.max_body_bytes, election=election,
+                                leader_pod=_leader_pod(election))
         try:
             await server.start(wait_synced=False)
         except OSError as exc:

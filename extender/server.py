@@ -13,8 +13,9 @@ from aiohttp import web
 from extender.app import DEFAULT_MAX_BODY, Extender, Settings, make_app
 from extender.cache import KubeBinder, WatchCache
 from extender.view import ClusterView
+from koupleless import keys
 from koupleless.kube import KubeClient, KubeConfig
-from koupleless.kube.leaderelection import LeaderElectionConfig, LeaderElector
+from koupleless.kube.leaderelection import LeaderElectionConfig, LeaderElector, LeaderPodLabel
 
 log = logging.getLogger("extender")
 
@@ -45,12 +46,16 @@ class ExtenderServer:
         settings: Settings | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         election: LeaderElectionConfig | None = None,
+        leader_pod: tuple[str, str] | None = None,
     ) -> None:
+        """`leader_pod` (namespace, name): the Pod this process runs in, labelled while it leads."""
         if election is not None and kube is None:
             raise ValueError("leader election needs the API server: give a kubeconfig or drop --leader-elect")
         self.kube = kube
         self.election = election
         self.elector: LeaderElector | None = None
+        self.leader_pod = leader_pod
+        self.leader_label: LeaderPodLabel | None = None
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.settings = settings or Settings()
@@ -79,9 +84,12 @@ class ExtenderServer:
         self.extender = Extender(view, binder=binder, settings=self.settings)
         if self.election is not None:
             assert self.client is not None
-            self.elector = LeaderElector(self.client, self.election)
-            elector = self.elector
-            self.extender.leading = lambda: elector.is_leader
+            if self.leader_pod is not None:
+                namespace, pod_name = self.leader_pod
+                self.leader_label = LeaderPodLabel(self.client, namespace, pod_name,
+                                                   keys.LABEL_EXTENDER_ROLE, keys.EXTENDER_ROLE_LEADER)
+            self.elector = LeaderElector(
+                self.client, self.election, on_change=self.leader_label.set_leading if self.leader_label else None)
         app = make_app(self.extender, max_body=self.max_body)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
         await self._runner.setup()
@@ -101,6 +109,8 @@ class ExtenderServer:
             view = self.extender.view
             log.info("watch cache synced: %d virtual nodes, %d module pods placed", len(view.bases), len(view.usage))
             freeze_heap()
+            if self.leader_label is not None:
+                self.leader_label.start()
             if self.elector is not None:
                 # Campaign only with a warm cache, so whoever leads can answer at once.
                 self.elector.start()
@@ -114,8 +124,11 @@ class ExtenderServer:
 
     async def stop(self) -> None:
         if self.elector is not None:
-            # Not ready first, then free the Lease: the standby takes over at its next try.
+            # Stop leading (which starts taking the label off our Pod), then free the Lease: the
+            # standby takes over at its next try and labels its own Pod.
             await self.elector.stop()
+        if self.leader_label is not None:
+            await self.leader_label.stop()
         if self._refreeze is not None:
             self._refreeze.cancel()
             await asyncio.gather(self._refreeze, return_exceptions=True)

@@ -109,3 +109,13 @@ def vnode_name(base_id: str) -> str:
 #: readable reason ("base at module capacity"). A cluster without the extender still gets a correct
 #: count from the in-tree resource fit.
 RESOURCE_MODULE: Final = "koupleless.io/module"
+
+# --- extender replicas ----------------------------------------------------------------------------
+
+#: On an extender Pod: set to `leader` on the replica holding the leader-election Lease. The extender's
+#: Service selects it, so kube-scheduler's calls reach the leader only while every replica is Ready.
+LABEL_EXTENDER_ROLE: Final = "module-controller.koupleless.io/extender-role"
+EXTENDER_ROLE_LEADER: Final = "leader"
+#: Downward-API env vars naming the Pod a process runs in (the leader labels its own Pod).
+ENV_POD_NAME: Final = "POD_NAME"
+ENV_POD_NAMESPACE: Final = "POD_NAMESPACE"

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
-from koupleless.kube.client import ApiError, KubeClient, lease_path
+from koupleless.kube.client import ApiError, KubeClient, lease_path, pod_path
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,12 @@ IS_LEADER = Gauge(
     "koupleless_leader_election_is_leader",
     "1 while this process holds the named leader-election Lease, else 0.",
     ["lease"],
+)
+
+LEADER_LABEL_WRITES = Counter(
+    "koupleless_leader_label_writes_total",
+    "Writes of the leader label on Pods (outcome: ok, or error when retried later).",
+    ["change", "outcome"],
 )
 
 #: client-go's JitterFactor: tries spread over [retry_period, 1.2 x retry_period].
@@ -238,3 +244,116 @@ class LeaderElector:
             log.info("lease %s/%s: released", self.config.namespace, self.config.name)
         except ApiError as exc:
             log.warning("lease %s: could not release it (a standby takes over when it expires): %s", self._path, exc)
+
+
+class LeaderPodLabel:
+    """Keeps the label `key: value` on this process's own Pod exactly while it leads, so a Service
+    selecting that label sends traffic to the leader only, while every replica can report Ready.
+
+    Called with `set_leading(...)` (an elector's `on_change`). One task converges the Pod to the
+    latest wish, re-read before every write, so a change that arrives during a slow write is
+    applied after it rather than lost. When it leads it also removes the label from every other Pod
+    in the namespace: a leader that was killed, or cut off from the API server, cannot remove its
+    own. While leading it looks again every `resync` seconds, which also undoes a late write by a
+    former leader. Failed writes are retried with backoff up to `max_retry_delay`.
+    """
+
+    def __init__(self, client: KubeClient, namespace: str, pod_name: str, key: str, value: str, *,
+                 resync: float = 30.0, retry_delay: float = 0.5, max_retry_delay: float = 10.0) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.pod_name = pod_name
+        self.key, self.value = key, value
+        self.resync = resync
+        self.retry_delay, self.max_retry_delay = retry_delay, max_retry_delay
+        self.leading = False
+        #: What our own Pod carries as of the last successful write (None: not written yet).
+        self.labelled: bool | None = None
+        self._wake = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def set_leading(self, leading: bool) -> None:
+        self.leading = leading
+        self._settled.clear()
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._wake.set()  # first round: a restarted container's Pod may still carry the label
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"leader-label-{self.pod_name}")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Take the label off our Pod (waiting up to `timeout` for that write), then stop."""
+        if self._task is None:
+            return
+        self.set_leading(False)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            wait = self.resync if self.leading else None
+            if failures:
+                wait = min(self.max_retry_delay, self.retry_delay * 2 ** (failures - 1))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            self._wake.clear()
+            want = self.leading
+            try:
+                if want:
+                    await self._lead_round()
+                elif self.labelled is not False:
+                    await self._write_own(False)
+            except ApiError as exc:
+                failures += 1
+                log.warning("pod %s/%s: could not %s the label %s (retrying): %s", self.namespace, self.pod_name,
+                            "set" if want else "remove", self.key, exc)
+                continue
+            failures = 0
+            if want == self.leading:
+                self._settled.set()
+
+    async def _write_own(self, labelled: bool) -> None:
+        await self._patch(self.pod_name, labelled)
+        self.labelled = labelled
+        log.info("pod %s/%s: label %s=%s %s", self.namespace, self.pod_name, self.key, self.value,
+                 "set (this replica leads)" if labelled else "removed")
+
+    async def _lead_round(self) -> None:
+        """Our Pod first (the Service gets an endpoint at once), then everyone else's."""
+        found = await self.client.list(pod_path(self.namespace), {"labelSelector": f"{self.key}={self.value}"})
+        holders = {str(p["metadata"]["name"]): p for p in found.get("items") or []}
+        if self.pod_name in holders:
+            self.labelled = True
+        else:
+            await self._write_own(True)
+        for name, pod in holders.items():
+            if name != self.pod_name:
+                # Only if the Pod is as listed: a 409 means look again, not remove blindly.
+                await self._patch(name, False, resource_version=pod["metadata"].get("resourceVersion"))
+                log.info("pod %s/%s: removed the label %s from a former leader", self.namespace, name, self.key)
+
+    async def _patch(self, name: str, labelled: bool, resource_version: str | None = None) -> None:
+        metadata: dict[str, Any] = {"labels": {self.key: self.value if labelled else None}}
+        if resource_version:
+            metadata["resourceVersion"] = resource_version
+        change = "set" if labelled else "remove"
+        try:
+            await self.client.patch(pod_path(self.namespace, name), {"metadata": metadata})
+        except ApiError as exc:
+            if exc.not_found and not labelled:
+                LEADER_LABEL_WRITES.labels(change, "ok").inc()
+                return  # a Pod that is gone carries no label
+            LEADER_LABEL_WRITES.labels(change, "error").inc()
+            if exc.not_found:
+                raise ApiError(exc.status, exc.reason, f"Pod {self.namespace}/{name} not found: set POD_NAME "
+                               "and POD_NAMESPACE from the downward API (metadata.name, metadata.namespace)") from exc
+            raise
+        LEADER_LABEL_WRITES.labels(change, "ok").inc()
