@@ -1,6 +1,11 @@
-"""Two extender replicas as manifests/scheduler runs them: one leads and alone reports ready; when
-the leader dies, the standby takes the Lease and module Pods keep being scheduled through the real
-kube-scheduler."""
+"""Two extender replicas as manifests/scheduler runs them: both report ready, one leads and labels
+its Pod, and the Service (played by a proxy that selects Pods by the manifest's labels) sends
+kube-scheduler to it. When the leader dies, the standby takes the Lease, moves the label to its own
+Pod, and module Pods keep being scheduled through the real kube-scheduler.
+
+The replicas are processes on loopback; two real Pod objects stand for them in the API (nobody
+schedules them; only their labels matter) and each process is told its Pod's name as the Deployment
+tells it, through POD_NAME and POD_NAMESPACE."""
 
 from __future__ import annotations
 
@@ -15,20 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
+from koupleless import keys
 from koupleless.kube import ApiError, KubeClient, load_config
 from koupleless.kube.leaderelection import LeaderElectionConfig, LeaderElector
 from tests.e2e.extender.conftest import (
     CLI,
+    MANIFESTS,
     apply,
     get_json,
     manifest_kubeconfig,
     manifest_scheduler_config,
     module_pod,
 )
-from tests.e2e.extender.ready_proxy import ReadyProxy
+from tests.e2e.extender.label_proxy import LabelProxy
 from tests.e2e.extender.vnodes import VirtualNodes
 from tests.helpers import async_wait_until, wait_until
 
@@ -50,12 +58,15 @@ def status_of(port: int, path: str) -> int:
 
 
 class Replica:
-    def __init__(self, cp: ControlPlane, kubeconfig: Path, identity: str) -> None:
+    def __init__(self, cp: ControlPlane, kubeconfig: Path, identity: str, pod_name: str) -> None:
         self.identity = identity
+        self.pod_name = pod_name
         self.port = free_port()
         args = [*CLI, "extender", "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1", "--port", str(self.port),
                 "--leader-elect-identity", identity, *ELECTION_FLAGS]
-        self.process = ManagedProcess(identity, args, cp.workdir / "logs" / f"{identity}-{self.port}.log").start()
+        env = {**os.environ, keys.ENV_POD_NAME: pod_name, keys.ENV_POD_NAMESPACE: LEASE_NAMESPACE}
+        self.process = ManagedProcess(identity, args, cp.workdir / "logs" / f"{identity}-{self.port}.log",
+                                      env=env).start()
 
     def wait_synced(self) -> None:
         self.process.wait_ready(lambda: "watch cache synced" in self.log(), timeout=60)
@@ -75,6 +86,32 @@ class Replica:
 
     def log(self) -> str:
         return self.process.log_path.read_text(errors="replace")
+
+
+def replica_pod(name: str) -> dict[str, Any]:
+    """A Pod as the Deployment's template makes it; nobody schedules it (no such scheduler)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": LEASE_NAMESPACE,
+                     "labels": {"app.kubernetes.io/name": "module-controller-extender"}},
+        "spec": {
+            "schedulerName": "nobody-schedules-these",
+            "serviceAccountName": "module-controller-extender",
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "extender", "image": "koupleless/module-controller:0.1.0"}],
+        },
+    }
+
+
+def labelled_leaders(cp: ControlPlane) -> set[str]:
+    """Names of the Pods carrying the leader label, as the Service's selector sees them."""
+    out = get_json(cp, "pods", "-n", LEASE_NAMESPACE, "-l", f"{keys.LABEL_EXTENDER_ROLE}={keys.EXTENDER_ROLE_LEADER}")
+    return {p["metadata"]["name"] for p in out["items"]}
+
+
+def service_selector() -> dict[str, str]:
+    return dict(yaml.safe_load((MANIFESTS / "service.yaml").read_text())["spec"]["selector"])
 
 
 def lease(cp: ControlPlane) -> dict[str, object]:
@@ -100,13 +137,18 @@ def filter_calls(metrics: str) -> float:
 def replicas(control_plane: ControlPlane) -> Iterator[list[Replica]]:
     kubeconfig = manifest_kubeconfig(control_plane)  # also applies the manifest's RBAC, Role included
     control_plane.kubectl("delete", "lease", LEASE_NAME, "-n", LEASE_NAMESPACE, "--ignore-not-found")
-    started = [Replica(control_plane, kubeconfig, f"extender-{i}") for i in range(2)]
+    pod_names = [f"extender-failover-{i}" for i in range(2)]
+    control_plane.kubectl("delete", "pod", *pod_names, "-n", LEASE_NAMESPACE, "--ignore-not-found", "--wait")
+    apply(control_plane, *(replica_pod(name) for name in pod_names))
+    started = [Replica(control_plane, kubeconfig, f"extender-{i}", pod_names[i]) for i in range(2)]
     try:
         yield started
     finally:
         control_plane.start_scheduler()
         for replica in started:
             replica.process.stop()
+        control_plane.kubectl("delete", "pod", *pod_names, "-n", LEASE_NAMESPACE, "--ignore-not-found",
+                              "--grace-period=0")
         for replica in started:
             log = replica.log()
             assert "403" not in log and "Forbidden" not in log, f"{replica.identity} needed more than its manifest RBAC"
@@ -124,16 +166,19 @@ def test_the_standby_takes_over_when_the_leader_dies_and_modules_keep_being_sche
 ) -> None:
     for replica in replicas:
         replica.wait_synced()
-    leader = wait_until(lambda: next((r for r in replicas if r.ready()), None), timeout=30, what="a leader")
+    by_pod = {r.pod_name: r for r in replicas}
+    (leader_pod,) = wait_until(lambda: labelled_leaders(control_plane) or None, timeout=30,
+                               what="the leader to label its Pod")
+    leader = by_pod[leader_pod]
     (standby,) = [r for r in replicas if r is not leader]
-    # The standby has campaigned (its cache is synced) and lost: not ready, the Lease names the other.
-    wait_until(lambda: lease(control_plane).get("holderIdentity"), timeout=10, what="the Lease to name a holder")
     assert lease(control_plane)["holderIdentity"] == leader.identity
-    assert status_of(standby.port, "/readyz") == 503
+    # Both Ready (a Deployment shows 2/2, rollouts and drains go on as usual); the label decides.
+    assert leader.ready() and standby.ready()
     assert status_of(standby.port, "/healthz") == 200
     transitions_before = int(lease(control_plane).get("leaseTransitions") or 0)  # type: ignore[call-overload]
 
-    proxy = ReadyProxy([r.port for r in replicas])
+    proxy = LabelProxy(control_plane.kubeconfig, LEASE_NAMESPACE, service_selector(),
+                       {r.pod_name: r.port for r in replicas})
     try:
         extenders, profiles = manifest_scheduler_config(proxy.url)
         control_plane.start_scheduler(extenders=extenders, extra_profiles=profiles)
@@ -157,9 +202,11 @@ def test_the_standby_takes_over_when_the_leader_dies_and_modules_keep_being_sche
         assert sorted(answer["NodeNames"]) == sorted(n for n in nodes if n != held["before"])
         standby_calls = filter_calls(standby.metrics())
 
-        leader.kill()
-        # Not sooner than the Lease allows (its holder could be alive but slow), and not much later.
-        wait_until(standby.ready, timeout=LEASE_DURATION * 3, what="the standby to lead and report ready")
+        leader.kill()  # its Pod keeps the label: a killed process removes nothing
+        assert labelled_leaders(control_plane) == {leader.pod_name}
+        # The new leader labels its own Pod and takes the label off the dead leader's.
+        wait_until(lambda: labelled_leaders(control_plane) == {standby.pod_name}, timeout=LEASE_DURATION * 3,
+                   what="the label to move to the new leader's Pod")
         spec = lease(control_plane)
         assert spec["holderIdentity"] == standby.identity
         assert int(spec["leaseTransitions"]) == transitions_before + 1  # type: ignore[call-overload]
@@ -178,6 +225,11 @@ def test_the_standby_takes_over_when_the_leader_dies_and_modules_keep_being_sche
             per_base[node] = per_base.get(node, 0) + 1
         assert max(per_base.values()) <= 2
         assert proxy.routed and proxy.routed[-1] == standby.port
+
+        # A leader that is stopped (SIGTERM, as on a rollout or drain) takes its label off.
+        standby.process.stop()
+        assert standby.process.proc is not None and standby.process.proc.returncode == 0
+        assert labelled_leaders(control_plane) == set()
     finally:
         proxy.close()
 
