@@ -56,3 +56,20 @@ def test_leader_election_durations_that_allow_two_leaders_are_refused(
                  "--leader-lease-duration", "5", "--leader-renew-deadline", "5"]) == 2
     err = capsys.readouterr().err
     assert "--leader-lease-duration (5s) must be longer than --leader-renew-deadline (5s)" in err
+
+
+def test_the_leader_labels_the_pod_the_downward_api_names(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from extender.cli import _leader_pod
+    from koupleless.kube.leaderelection import LeaderElectionConfig
+
+    election = LeaderElectionConfig(namespace="lease-ns", name="l", identity="a")
+    monkeypatch.setenv("POD_NAME", "extender-7d9-x2")
+    monkeypatch.setenv("POD_NAMESPACE", "module-controller")
+    assert _leader_pod(election) == ("module-controller", "extender-7d9-x2")
+    monkeypatch.delenv("POD_NAMESPACE")
+    assert _leader_pod(election) == ("lease-ns", "extender-7d9-x2")
+    assert _leader_pod(None) is None  # no --leader-elect: nothing is labelled
+    monkeypatch.delenv("POD_NAME")
+    assert _leader_pod(election) is None
+    assert "Service selecting that label has no endpoints" in caplog.text
