@@ -19,6 +19,7 @@ from typing import Any, Final
 import orjson
 
 from koupleless import keys
+from koupleless.model import biz_key
 
 # --- topics ---------------------------------------------------------------------------------------
 # base -> controller (all under `koupleless_{env}/{baseID}/`)
@@ -221,7 +222,7 @@ class BizStatus:
 
     @property
     def key(self) -> str:
-        return f"{self.name}:{self.version}"
+        return biz_key(self.name, self.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +237,7 @@ class BizOperation:
 
     @property
     def key(self) -> str:
-        return f"{self.biz_name}:{self.biz_version}"
+        return biz_key(self.biz_name, self.biz_version)
 
     @property
     def success(self) -> bool:
@@ -252,7 +253,7 @@ class BizModel:
 
     @property
     def key(self) -> str:
-        return f"{self.biz_name}:{self.biz_version}"
+        return biz_key(self.biz_name, self.biz_version)
 
     def to_wire(self) -> dict[str, str]:
         model = {"bizName": self.biz_name, "bizVersion": self.biz_version, "bizUrl": self.biz_url}

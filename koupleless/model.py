@@ -42,6 +42,11 @@ class Problem:
         return f"{self.path}: {self.what} — {self.fix}"
 
 
+def biz_key(biz_name: str, biz_version: str) -> str:
+    """How a module is named everywhere (Pods, bases, Events): `bizName:bizVersion`."""
+    return f"{biz_name}:{biz_version}"
+
+
 @dataclass(frozen=True, slots=True)
 class Module:
     """One container of a module Pod: the arklet BizModel it becomes."""
@@ -54,7 +59,7 @@ class Module:
 
     @property
     def biz_key(self) -> str:
-        return f"{self.biz_name}:{self.biz_version}"
+        return biz_key(self.biz_name, self.biz_version)
 
     def to_biz_model(self) -> dict[str, str]:
         """The arklet installBiz / uninstallBiz payload (empty fields omitted, as arklet expects)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from koupleless import arklet, keys
-from koupleless.model import Module
+from koupleless.model import Module, biz_key
 
 CONTAINER_ID_SCHEME = "arklet://"
 
@@ -31,7 +31,7 @@ class BizRecord:
 
     @property
     def key(self) -> str:
-        return f"{self.name}:{self.version}"
+        return biz_key(self.name, self.version)
 
 
 @dataclass
@@ -116,7 +116,7 @@ class PodRecord:
 
 
 def container_id(module: Module) -> str:
-    return f"{CONTAINER_ID_SCHEME}{module.biz_name}:{module.biz_version}"
+    return CONTAINER_ID_SCHEME + biz_key(module.biz_name, module.biz_version)
 
 
 def node_base_id(node: dict[str, Any]) -> str | None:
