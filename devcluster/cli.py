@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-version", default="1.1.1", help="base version label (default %(default)s)")
     parser.add_argument("--max-modules", type=int, default=10, help="modules per base (default %(default)s)")
     parser.add_argument("--no-sample", action="store_true", help="do not apply the seed's sample Deployment")
-    parser.add_argument("--workdir", type=Path, default=None, help="where kubeconfig, certs and logs go "
-                        "(default: a new temp dir, removed on exit)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where kubeconfig, certs and logs go; "
+                        "kept on exit (default: a new temp dir, removed on exit)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,6 +49,9 @@ class DevStack:
     progress: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
 
     def __post_init__(self) -> None:
+        # A directory the user named is theirs: kept on exit (its logs are worth reading); only a
+        # temp dir made here is removed.
+        self.owns_workdir = self.options.workdir is None
         self.workdir = self.options.workdir or Path(tempfile.mkdtemp(prefix="koupleless-dev-"))
         self.plane = ControlPlane(workdir=self.workdir / "cluster", keep_workdir=True)
         self.broker = Broker(workdir=self.workdir / "broker")
@@ -90,7 +93,8 @@ class DevStack:
         self.components.clear()
         self.broker.stop()
         self.plane.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- components ---------------------------------------------------------------------------
 

@@ -80,4 +80,5 @@ def test_dev_brings_the_sample_module_to_running_and_prints_working_commands(tmp
     assert dev.returncode == 0, "".join(stderr_lines[-30:])
     wait_until(lambda: not _processes_mentioning(str(workdir)), timeout=30,
                what="every process dev started to exit")
-    assert not workdir.exists()
+    # A --workdir the user named is kept, with the logs of the run.
+    assert (workdir / "logs" / "provider.log").exists()
