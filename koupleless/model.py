@@ -24,6 +24,7 @@ _BIZ_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: `<artifact>-<version>-ark-biz.jar`, where the version starts with a digit (Maven convention).
 _ARK_BIZ_JAR = re.compile(r"^(?P<artifact>.+?)-(?P<version>\d[0-9A-Za-z.+_-]*?)-ark-biz\.jar$")
 _JAR_URL_SCHEMES = ("http", "https", "file")
+_IGNORED_CONTAINER_FIELDS = ("command", "args", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle")
 
 AFFINITY_PATH = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
 BASE_KEYS = (keys.LABEL_BASE_STACK, keys.LABEL_BASE_NAME, keys.LABEL_BASE_VERSION)
@@ -124,7 +125,9 @@ class ModuleSpec:
 
 
 def is_module_pod(pod: Mapping[str, Any]) -> bool:
-    return keys.is_module_pod_labels(_dict(_dict(pod.get("metadata")).get("labels")))
+    metadata = pod.get("metadata")
+    labels = metadata.get("labels") if isinstance(metadata, dict) else None
+    return keys.is_module_pod_labels(labels if isinstance(labels, dict) else None)
 
 
 #: Every replica of a release carries the same jar URLs, and URL parsing is the costliest step of
@@ -181,7 +184,9 @@ def validate_pod(pod: Mapping[str, Any], *, stack_defaulted: bool = False) -> li
     is not reported.
     """
     problems: list[Problem] = []
-    spec = _dict(pod.get("spec"))
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        spec = {}
     containers = spec.get("containers")
     if not isinstance(containers, list) or not containers:
         problems.append(
@@ -259,13 +264,24 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     else:
         jar = infer_from_jar(image)
 
-    version = env_value(container, keys.ENV_BIZ_VERSION)
-    env_path = f"{path}.env"
+    # env_value and _env_has_value_from in one pass: this runs on every admission.
+    version: str | None = None
+    value_from = False
+    env = container.get("env")
+    if isinstance(env, list):
+        for var in env:
+            if isinstance(var, dict) and var.get("name") == keys.ENV_BIZ_VERSION:
+                if version is None:
+                    value = var.get("value")
+                    version = value if isinstance(value, str) else ""
+                if var.get("valueFrom"):
+                    value_from = True
+                    break
     if version is None or version == "":
-        if _env_has_value_from(container, keys.ENV_BIZ_VERSION):
+        if value_from:
             out.append(
                 Problem(
-                    env_path,
+                    f"{path}.env",
                     "BIZ_VERSION comes from valueFrom, which a base cannot resolve",
                     "write BIZ_VERSION as a literal value, the module version declared in pom.xml, "
                     "e.g. 0.0.1-SNAPSHOT",
@@ -274,7 +290,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
         elif jar is None:
             out.append(
                 Problem(
-                    env_path,
+                    f"{path}.env",
                     "BIZ_VERSION is required",
                     "the module version declared in pom.xml, e.g. 0.0.1-SNAPSHOT "
                     "(or name the jar <artifact>-<version>-ark-biz.jar so it can be inferred)",
@@ -292,13 +308,13 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     if jar and version and jar[1] != version:
         out.append(
             Problem(
-                env_path,
+                f"{path}.env",
                 f"BIZ_VERSION {version!r} differs from the version in the jar name {jar[1]!r}",
                 "make sure it matches the version declared in the module's pom.xml",
                 "warning",
             )
         )
-    for ignored in ("command", "args", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle"):
+    for ignored in _IGNORED_CONTAINER_FIELDS:
         if container.get(ignored):
             out.append(
                 Problem(
@@ -324,28 +340,31 @@ def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
         ]
     out: list[Problem] = []
     for t, term in enumerate(terms):
-        term_path = f"{AFFINITY_PATH}.nodeSelectorTerms[{t}].matchExpressions"
         present: set[str] = set()
-        for e, expr in enumerate(_list(_dict(term).get("matchExpressions"))):
-            expr = _dict(expr)
+        exprs = term.get("matchExpressions") if isinstance(term, dict) else None
+        for e, expr in enumerate(exprs if isinstance(exprs, list) else ()):
+            if not isinstance(expr, dict):
+                continue
             key = expr.get("key")
             if key not in BASE_KEYS:
                 continue
             present.add(key)
             op = expr.get("operator")
-            values = _list(expr.get("values"))
+            values = expr.get("values")
+            if not isinstance(values, list):
+                values = []
             if op != "In":
                 out.append(
                     Problem(
-                        f"{term_path}[{e}].operator",
+                        f"{_term_path(t)}[{e}].operator",
                         f"operator {op!r} on {key} is not supported",
                         "use operator In with the exact values allowed, e.g. values: [1.1.1]",
                     )
                 )
-            elif not values or not all(isinstance(v, str) and v for v in values):
+            elif not values or not _all_non_empty_strings(values):
                 out.append(
                     Problem(
-                        f"{term_path}[{e}].values",
+                        f"{_term_path(t)}[{e}].values",
                         f"{key} In needs at least one non-empty value",
                         "list the allowed values, e.g. values: [1.1.1]",
                     )
@@ -354,12 +373,17 @@ def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
             if key not in present:
                 out.append(
                     Problem(
-                        term_path,
+                        _term_path(t),
                         f"no {key} requirement",
                         f"add {{key: {key}, operator: In, values: [{example}]}}",
                     )
                 )
     return out
+
+
+def _term_path(t: int) -> str:
+    # Built only for a term with a problem: most admissions have none.
+    return f"{AFFINITY_PATH}.nodeSelectorTerms[{t}].matchExpressions"
 
 
 def _unsupported_problems(spec: Mapping[str, Any]) -> list[Problem]:
@@ -405,10 +429,20 @@ def has_stack_requirement(spec: Mapping[str, Any]) -> bool:
 
 
 def _node_selector_terms(spec: Mapping[str, Any]) -> list[Any]:
-    required = _dict(_dict(_dict(spec.get("affinity")).get("nodeAffinity")).get(
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    ))
-    return _list(required.get("nodeSelectorTerms"))
+    # isinstance inline rather than _dict/_list: every admission and every filter call reads these.
+    found = spec.get("affinity")
+    for step in ("nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution", "nodeSelectorTerms"):
+        if not isinstance(found, dict):
+            return []
+        found = found.get(step)
+    return found if isinstance(found, list) else []
+
+
+def _all_non_empty_strings(values: list[Any]) -> bool:
+    for v in values:
+        if not isinstance(v, str) or not v:
+            return False
+    return True
 
 
 def _env_has_value_from(container: Mapping[str, Any], name: str) -> bool:

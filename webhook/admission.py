@@ -109,6 +109,9 @@ def decide(review: Review, defaults: Defaults) -> Decision:
         return Decision("allowed")
     problems = model.validate_pod(pod, stack_defaulted=True)
     if operation == "CREATE":
+        if not problems:  # the usual case, without two list scans
+            ops = default_ops(pod, defaults)
+            return Decision("patched" if ops else "allowed", ops=ops)
         errors = model.errors(problems)
         if errors:
             return _deny(errors)

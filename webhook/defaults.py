@@ -19,10 +19,13 @@ _TERMS_PATH = "/" + "/".join(_AFFINITY) + "/nodeSelectorTerms"
 #: pointer builder was a third of the webhook's own time per request.
 _RESOURCE_TOKEN = escape(keys.RESOURCE_MODULE)
 _NO_EXECUTE = keys.EFFECT_NO_EXECUTE
+_BIZ_VERSION = keys.ENV_BIZ_VERSION
+#: What a user may have written as an extended-resource amount (`str | int`, as a tuple once).
+_AMOUNT_TYPES = (str, int)
 #: The shape the DefaultTolerationSeconds admission plugin gives every Pod; only these are
 #: shortened: any other toleration on these taints was written by someone on purpose (a DaemonSet's
 #: tolerate-forever ones included).
-_EVICTION_TAINTS = (keys.TAINT_NOT_READY, keys.TAINT_UNREACHABLE)
+_NOT_READY, _UNREACHABLE = keys.TAINT_NOT_READY, keys.TAINT_UNREACHABLE
 #: What kube-apiserver's defaulting writes into a Pod that names no scheduler; both it and an
 #: absent name mean "the user did not choose one".
 DEFAULT_SCHEDULER_NAME = "default-scheduler"
@@ -68,16 +71,18 @@ def default_ops(pod: Mapping[str, Any], defaults: Defaults) -> list[Op]:
     spec = pod.get("spec")
     if not isinstance(spec, dict):
         return []
+    # The helpers append to one list: this runs on every admission, and a list per helper plus
+    # `extend` was a measurable share of it.
     ops: list[Op] = []
     requests_module = False
     containers = spec.get("containers")
     if isinstance(containers, list):
         for i, container in enumerate(containers):
             if isinstance(container, dict):
-                ops.extend(_biz_version_ops(i, container))
-                ops.extend(_module_resource_ops(i, container))
+                _biz_version_ops(ops, i, container)
+                _module_resource_ops(ops, i, container)
                 requests_module = True
-    ops.extend(_stack_ops(spec))
+    _stack_ops(ops, spec)
     ops.extend(_toleration_ops(spec, defaults))
     # Only beside the module resource: the profile skips the in-tree node-affinity filter and
     # relies on the extender, which kube-scheduler calls only for Pods that request that resource.
@@ -94,65 +99,87 @@ def _scheduler_ops(spec: Mapping[str, Any], name: str) -> list[Op]:
     return []
 
 
-def _biz_version_ops(i: int, container: Mapping[str, Any]) -> list[Op]:
-    module = model.module_from_container(container)
-    if module.version_source != "jar":
-        return []
-    entry = {"name": keys.ENV_BIZ_VERSION, "value": module.biz_version}
+def _biz_version_ops(ops: list[Op], i: int, container: Mapping[str, Any]) -> None:
+    """BIZ_VERSION from the jar name when the env does not give one (model.module_from_container's
+    rule), read in one pass over env: the first BIZ_VERSION entry decides."""
     env = container.get("env")
+    found = -1
+    from_ref = False
+    if isinstance(env, list):
+        for j, var in enumerate(env):
+            if isinstance(var, dict) and var.get("name") == _BIZ_VERSION:
+                value = var.get("value")
+                if isinstance(value, str) and value:
+                    return
+                found, from_ref = j, bool(var.get("valueFrom"))
+                break
+    image = container.get("image")
+    inferred = model.infer_from_jar(image if isinstance(image, str) else "")
+    if inferred is None:
+        return
+    version = inferred[1]
     if not isinstance(env, list):
-        return [add(f"/spec/containers/{i}/env", [entry])]
-    for j, var in enumerate(env):
-        if isinstance(var, dict) and var.get("name") == keys.ENV_BIZ_VERSION:
-            if var.get("valueFrom"):
-                return []  # reported as an error by validation
-            # `add` creates the member or replaces it, whether `value` is absent or empty.
-            return [add(f"/spec/containers/{i}/env/{j}/value", module.biz_version)]
-    return [add(f"/spec/containers/{i}/env/-", entry)]
+        ops.append(add(f"/spec/containers/{i}/env", [{"name": _BIZ_VERSION, "value": version}]))
+    elif found < 0:
+        ops.append(add(f"/spec/containers/{i}/env/-", {"name": _BIZ_VERSION, "value": version}))
+    elif not from_ref:  # valueFrom is reported as an error by validation
+        # `add` creates the member or replaces it, whether `value` is absent or empty.
+        ops.append(add(f"/spec/containers/{i}/env/{found}/value", version))
 
 
-def _module_resource_ops(i: int, container: Mapping[str, Any]) -> list[Op]:
+def _module_resource_ops(ops: list[Op], i: int, container: Mapping[str, Any]) -> None:
     """One `koupleless.io/module` per container, in requests and limits (an extended resource must
     have both, equal), unless the user already asked for some."""
     name = keys.RESOURCE_MODULE
     resources = container.get("resources")
     base = f"/spec/containers/{i}/resources"
     if not isinstance(resources, dict):
-        return [add(base, {"requests": {name: "1"}, "limits": {name: "1"}})]
+        ops.append(add(base, {"requests": {name: "1"}, "limits": {name: "1"}}))
+        return
     requests, limits = resources.get("requests"), resources.get("limits")
+    if not isinstance(requests, dict):
+        requests = None
+    if not isinstance(limits, dict):
+        limits = None
     amount = "1"
-    for existing in (requests, limits):
-        if isinstance(existing, dict) and isinstance(existing.get(name), str | int):
-            amount = str(existing[name])
-            break
-    ops = []
-    for field, current in (("requests", requests), ("limits", limits)):
-        if not isinstance(current, dict):
-            ops.append(add(f"{base}/{field}", {name: amount}))
-        elif name not in current:
-            ops.append(add(f"{base}/{field}/{_RESOURCE_TOKEN}", amount))
-    return ops
+    if requests is not None and isinstance(requests.get(name), _AMOUNT_TYPES):
+        amount = str(requests[name])
+    elif limits is not None and isinstance(limits.get(name), _AMOUNT_TYPES):
+        amount = str(limits[name])
+    if requests is None:
+        ops.append(add(f"{base}/requests", {name: amount}))
+    elif name not in requests:
+        ops.append(add(f"{base}/requests/{_RESOURCE_TOKEN}", amount))
+    if limits is None:
+        ops.append(add(f"{base}/limits", {name: amount}))
+    elif name not in limits:
+        ops.append(add(f"{base}/limits/{_RESOURCE_TOKEN}", amount))
 
 
-def _stack_ops(spec: Mapping[str, Any]) -> list[Op]:
-    required = spec.get("affinity", {})
+def _stack_ops(ops: list[Op], spec: Mapping[str, Any]) -> None:
+    required = spec.get("affinity")
     for step in _AFFINITY[2:]:
         required = required.get(step) if isinstance(required, dict) else None
     terms = required.get("nodeSelectorTerms") if isinstance(required, dict) else None
     if not isinstance(terms, list):
-        return []
-    stack = {"key": keys.LABEL_BASE_STACK, "operator": "In", "values": [keys.DEFAULT_BASE_STACK]}
-    ops = []
+        return
+    stack_key = keys.LABEL_BASE_STACK
     for t, term in enumerate(terms):
         if not isinstance(term, dict):
             continue
         exprs = term.get("matchExpressions")
-        term_path = f"{_TERMS_PATH}/{t}/matchExpressions"
         if not isinstance(exprs, list):
-            ops.append(add(term_path, [stack]))
-        elif not any(isinstance(e, dict) and e.get("key") == keys.LABEL_BASE_STACK for e in exprs):
-            ops.append(add(f"{term_path}/-", stack))
-    return ops
+            ops.append(add(f"{_TERMS_PATH}/{t}/matchExpressions", [_stack_expression()]))
+            continue
+        for e in exprs:
+            if isinstance(e, dict) and e.get("key") == stack_key:
+                break
+        else:
+            ops.append(add(f"{_TERMS_PATH}/{t}/matchExpressions/-", _stack_expression()))
+
+
+def _stack_expression() -> dict[str, Any]:
+    return {"key": keys.LABEL_BASE_STACK, "operator": "In", "values": [keys.DEFAULT_BASE_STACK]}
 
 
 def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults) -> list[Op]:
@@ -161,6 +188,8 @@ def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults) -> list[Op]:
         return []
     tolerations = list(current) if current else []
     seconds = defaults.eviction_toleration_seconds
+    apiserver_seconds = defaults.apiserver_toleration_seconds
+    shorten = seconds != apiserver_seconds
     replaced = False
     vnode = env = not_ready = unreachable = False
     # One pass: this runs on every admission.
@@ -168,15 +197,6 @@ def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults) -> list[Op]:
         if not isinstance(tol, dict):
             continue
         key = tol.get("key")
-        if (
-            key in _EVICTION_TAINTS
-            and tol.get("operator") == "Exists"
-            and tol.get("effect") == keys.EFFECT_NO_EXECUTE
-            and tol.get("tolerationSeconds") == defaults.apiserver_toleration_seconds
-            and seconds != defaults.apiserver_toleration_seconds
-        ):
-            tolerations[n] = tol = eviction_toleration(key, seconds)
-            replaced = True
         if not key:  # a wildcard may tolerate any of them
             vnode = vnode or tolerates(
                 tol, keys.TAINT_VIRTUAL_NODE, keys.TAINT_VIRTUAL_NODE_VALUE, _NO_EXECUTE
@@ -184,14 +204,28 @@ def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults) -> list[Op]:
             env = env or tolerates(tol, keys.TAINT_NODE_ENV, defaults.env, _NO_EXECUTE)
             not_ready = not_ready or tolerates(tol, keys.TAINT_NOT_READY, "", _NO_EXECUTE)
             unreachable = unreachable or tolerates(tol, keys.TAINT_UNREACHABLE, "", _NO_EXECUTE)
+        elif key == _NOT_READY or key == _UNREACHABLE:
+            if (
+                shorten
+                and tol.get("operator") == "Exists"
+                and tol.get("effect") == _NO_EXECUTE
+                and tol.get("tolerationSeconds") == apiserver_seconds
+            ):
+                tolerations[n] = eviction_toleration(key, seconds)
+                replaced = True
+                tolerated = True  # the replacement is an Exists toleration of this very taint
+            elif key == _NOT_READY:
+                tolerated = not_ready or tolerates(tol, key, "", _NO_EXECUTE)
+            else:
+                tolerated = unreachable or tolerates(tol, key, "", _NO_EXECUTE)
+            if key == _NOT_READY:
+                not_ready = not_ready or tolerated
+            else:
+                unreachable = unreachable or tolerated
         elif key == keys.TAINT_VIRTUAL_NODE:
             vnode = vnode or tolerates(tol, key, keys.TAINT_VIRTUAL_NODE_VALUE, _NO_EXECUTE)
         elif key == keys.TAINT_NODE_ENV:
             env = True  # the Pod picked its env itself
-        elif key == keys.TAINT_NOT_READY:
-            not_ready = not_ready or tolerates(tol, key, "", _NO_EXECUTE)
-        elif key == keys.TAINT_UNREACHABLE:
-            unreachable = unreachable or tolerates(tol, key, "", _NO_EXECUTE)
     missing: list[dict[str, Any]] = []
     if not vnode:
         missing.append(dict(keys.vnode_toleration()))
