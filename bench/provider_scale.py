@@ -175,12 +175,14 @@ async def create_pods(
     return sent, acked
 
 
-async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:
-    client = KubeClient.from_kubeconfig(str(cp.kubeconfig), qps=None)
-    ns = f"bench-{os.getpid()}"
+async def watch_namespace(
+    client: KubeClient, ns: str, env: str, tag: str
+) -> tuple[Informer, Informer, dict[str, float]]:
+    """A fresh namespace, synced informers on the env's vnodes and the namespace's Pods, and the
+    monotonic time each Pod was first seen Ready (filled in as the watch delivers it)."""
     await client.create(namespace_path(), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    nodes = Informer(client, node_path(), label_selector=f"{keys.LABEL_VNODE_ENV}={ENV}", name="bench-nodes")
-    pods = Informer(client, pod_path(ns), name="bench-pods")
+    nodes = Informer(client, node_path(), label_selector=f"{keys.LABEL_VNODE_ENV}={env}", name=f"nodes-{tag}")
+    pods = Informer(client, pod_path(ns), name=f"pods-{tag}")
     pod_ready_at: dict[str, float] = {}
 
     def on_pod(obj: dict[str, Any]) -> None:
@@ -191,6 +193,13 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
     nodes.start()
     pods.start()
     await asyncio.gather(nodes.wait_synced(), pods.wait_synced())
+    return nodes, pods, pod_ready_at
+
+
+async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:
+    client = KubeClient.from_kubeconfig(str(cp.kubeconfig), qps=None)
+    ns = f"bench-{os.getpid()}"
+    nodes, pods, pod_ready_at = await watch_namespace(client, ns, ENV, "bench")
 
     http_port = free_port()
     provider = ManagedProcess(
@@ -298,19 +307,7 @@ async def hop_round(
     a time; (hop A ms, hop B ms, provider's own reply->status bucket bounds [p50, p99])."""
     env = f"{ENV}{tag}"
     ns = f"bench-{tag}-{os.getpid()}"
-    await client.create(namespace_path(), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    nodes = Informer(client, node_path(), label_selector=f"{keys.LABEL_VNODE_ENV}={env}", name=f"nodes-{tag}")
-    pods = Informer(client, pod_path(ns), name=f"pods-{tag}")
-    pod_ready_at: dict[str, float] = {}
-
-    def on_pod(obj: dict[str, Any]) -> None:
-        if ready(obj):
-            pod_ready_at.setdefault(obj["metadata"]["name"], time.monotonic())
-
-    pods.add_handler(on_pod, lambda _o, n: on_pod(n))
-    nodes.start()
-    pods.start()
-    await asyncio.gather(nodes.wait_synced(), pods.wait_synced())
+    nodes, pods, pod_ready_at = await watch_namespace(client, ns, env, tag)
     http_port = free_port()
     provider = ManagedProcess(
         f"provider-{tag}",

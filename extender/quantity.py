@@ -43,28 +43,26 @@ def parse_quantity(text: object) -> Decimal:
     return value * _DECIMAL[suffix]
 
 
-def quantity_bytes(text: object) -> int | None:
-    """Bytes, rounded up as the scheduler does; None when absent or unreadable."""
+def _whole(text: object, rounding: str) -> int | None:
+    """A non-negative whole number from a quantity; None when absent, unreadable or negative."""
     if text is None:
         return None
     try:
         value = parse_quantity(text)
     except ValueError:
         return None
-    whole = int(value.to_integral_value(rounding="ROUND_CEILING"))
+    whole = int(value.to_integral_value(rounding=rounding))
     return whole if whole >= 0 else None
+
+
+def quantity_bytes(text: object) -> int | None:
+    """Bytes, rounded up as the scheduler does; None when absent or unreadable."""
+    return _whole(text, "ROUND_CEILING")
 
 
 def quantity_count(text: object) -> int | None:
     """A whole count (extended resources are integers); None when absent or unreadable."""
-    if text is None:
-        return None
-    try:
-        value = parse_quantity(text)
-    except ValueError:
-        return None
-    whole = int(value.to_integral_value(rounding="ROUND_FLOOR"))
-    return whole if whole >= 0 else None
+    return _whole(text, "ROUND_FLOOR")
 
 
 def format_bytes(n: int) -> str:

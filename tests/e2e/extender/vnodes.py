@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from koupleless import keys
 from koupleless.kube import ApiError, KubeClient, lease_path, node_path
+from tests.unit.extender import samples
 
 T = TypeVar("T")
 RENEW_EVERY = 3.0
@@ -25,23 +26,10 @@ def _now() -> str:
 
 
 def vnode_object(name: str, *, base: str, version: str, stack: str = "java") -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "labels": {
-                keys.LABEL_COMPONENT_LEGACY: keys.COMPONENT_VNODE,
-                keys.LABEL_BASE_STACK: stack,
-                keys.LABEL_BASE_NAME: base,
-                keys.LABEL_BASE_VERSION: version,
-                keys.LABEL_HOSTNAME: name,
-                keys.LABEL_TYPE: keys.TYPE_VIRTUAL_KUBELET,
-            },
-        },
-        "spec": {"taints": [{"key": keys.TAINT_VIRTUAL_NODE, "value": keys.TAINT_VIRTUAL_NODE_VALUE,
-                             "effect": keys.EFFECT_NO_EXECUTE}]},
-    }
+    """The Node as created; its status (Ready, allocatable) is written through the subresource."""
+    node = samples.vnode(name, base=base, version=version, stack=stack)
+    del node["status"]
+    return node
 
 
 def vnode_status(max_modules: int, memory: str) -> dict[str, Any]:
