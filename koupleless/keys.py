@@ -77,7 +77,10 @@ def is_module_pod_labels(labels: dict[str, str] | None) -> bool:
     """True when the labels mark a module Pod under either the seed's key or the reference's."""
     if not labels:
         return False
-    return any(labels.get(key) == COMPONENT_MODULE for key in MODULE_LABEL_KEYS)
+    for key in MODULE_LABEL_KEYS:  # not any(<generator>): every admission and Pod event asks
+        if labels.get(key) == COMPONENT_MODULE:
+            return True
+    return False
 
 
 def vnode_toleration() -> dict[str, str]:

@@ -180,6 +180,10 @@ def base_requirement(spec: Mapping[str, Any]) -> BaseRequirement:
 def validate_pod(pod: Mapping[str, Any], *, stack_defaulted: bool = False) -> list[Problem]:
     """Every problem with a module Pod, errors and warnings, in field order.
 
+    Only `spec` is read, and of it only what webhook/wire.py declares: the webhook decodes no
+    more than that, and keeps one verdict per distinct such spec. A rule that reads another field
+    must be declared there too.
+
     `stack_defaulted`: the caller will add `base.koupleless.io/stack In [java]`, so a missing stack
     is not reported.
     """
@@ -264,7 +268,8 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     else:
         jar = infer_from_jar(image)
 
-    # env_value and _env_has_value_from in one pass: this runs on every admission.
+    # The BIZ_VERSION value and whether it comes from valueFrom, in one pass over env: this runs
+    # on every admission.
     version: str | None = None
     value_from = False
     env = container.get("env")
@@ -420,14 +425,6 @@ def _unsupported_problems(spec: Mapping[str, Any]) -> list[Problem]:
     return out
 
 
-def has_stack_requirement(spec: Mapping[str, Any]) -> bool:
-    terms = _node_selector_terms(spec)
-    return bool(terms) and all(
-        any(_dict(e).get("key") == keys.LABEL_BASE_STACK for e in _list(_dict(t).get("matchExpressions")))
-        for t in terms
-    )
-
-
 def _node_selector_terms(spec: Mapping[str, Any]) -> list[Any]:
     # isinstance inline rather than _dict/_list: every admission and every filter call reads these.
     found = spec.get("affinity")
@@ -443,13 +440,6 @@ def _all_non_empty_strings(values: list[Any]) -> bool:
         if not isinstance(v, str) or not v:
             return False
     return True
-
-
-def _env_has_value_from(container: Mapping[str, Any], name: str) -> bool:
-    return any(
-        isinstance(env, dict) and env.get("name") == name and env.get("valueFrom")
-        for env in _list(container.get("env"))
-    )
 
 
 @functools.lru_cache(maxsize=4096)

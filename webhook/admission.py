@@ -10,7 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
+
 from koupleless import model
+from webhook import wire
 from webhook.defaults import Defaults, default_ops
 from webhook.patch import Op, encode
 from webhook.workloads import WORKLOAD_KINDS, align_selector, module_template_labels
@@ -20,6 +23,12 @@ KIND = "AdmissionReview"
 #: Separates problems in a rejection: the message becomes one line of a ReplicaSet event, where a
 #: newline would break `kubectl describe`'s table.
 PROBLEM_SEPARATOR = "; "
+#: New Pods whose spec (what the webhook reads of it) is up to this size have their verdict kept,
+#: for this many distinct specs; a bigger one is judged each time, so the cache stays small (a few
+#: MB at most) whatever users write.
+CACHED_SPEC_BYTES = 16 * 1024
+CACHED_SPECS = 512
+_JSON = msgspec.json.Encoder()
 
 Result = Literal["allowed", "patched", "denied", "error"]
 
@@ -32,23 +41,43 @@ class BadReview(ValueError):
         self.field = field
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Review:
     uid: str
+    #: From `read_review`, `object` and `oldObject` are still undecoded (webhook.wire).
     request: Mapping[str, Any]
 
     @property
     def operation(self) -> Any:
         return self.request.get("operation")
 
+    def object(self) -> Any:
+        return wire.decode(self.request.get("object"))
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class Decision:
+    """Shared between requests (the verdicts of new Pods are kept): never changed once made."""
+
     result: Result
     ops: list[Op] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     message: str = ""
     code: int = 200
+    #: `ops` as the response's `patch`, base64 of their JSON, encoded once
+    patch: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch", encode(self.ops) if self.ops else b"")
+
+
+def read_review(body: bytes) -> Review:
+    """An HTTP request body as a Review, or BadReview naming the first field that is wrong."""
+    try:
+        doc = wire.decode_review(body)
+    except wire.DecodeError as exc:
+        raise BadReview("body", f"is not JSON ({exc})", f"send an {API_VERSION} {KIND}") from None
+    return parse_review(doc)
 
 
 def parse_review(doc: Any) -> Review:
@@ -74,11 +103,32 @@ def parse_review(doc: Any) -> Review:
     return Review(uid, request)
 
 
+_ANSWER_HEAD = b'{"apiVersion":"%s","kind":"%s","response":{"uid":' % (API_VERSION.encode(), KIND.encode())
+
+
+def encode_response(uid: str, decision: Decision) -> bytes:
+    """`response_document` as JSON bytes; the common answers (allowed, patched, no warnings) are
+    put together from their parts, without building the document."""
+    if decision.warnings or decision.result not in ("allowed", "patched"):
+        return _JSON.encode(response_document(uid, decision))
+    if not decision.ops:
+        return b"".join((_ANSWER_HEAD, _JSON.encode(uid), b',"allowed":true}}'))
+    return b"".join(
+        (
+            _ANSWER_HEAD,
+            _JSON.encode(uid),
+            b',"allowed":true,"patchType":"JSONPatch","patch":"',
+            decision.patch,
+            b'"}}',
+        )
+    )
+
+
 def response_document(uid: str, decision: Decision) -> dict[str, Any]:
     response: dict[str, Any] = {"uid": uid, "allowed": decision.result in ("allowed", "patched")}
     if decision.ops:
         response["patchType"] = "JSONPatch"
-        response["patch"] = encode(decision.ops)
+        response["patch"] = decision.patch.decode("ascii")
     if decision.warnings:
         response["warnings"] = decision.warnings
     if not response["allowed"]:
@@ -93,44 +143,73 @@ def response_document(uid: str, decision: Decision) -> dict[str, Any]:
 
 def decide(review: Review, defaults: Defaults) -> Decision:
     request = review.request
-    operation = review.operation
+    operation = request.get("operation")
     if operation not in ("CREATE", "UPDATE") or request.get("subResource"):
         return Decision("allowed")
     if not _is_pod(request):
         if _is_workload(request):
-            return _decide_workload(request.get("object"))
+            return _decide_workload(review.object())
         return Decision("allowed")
-    pod = request.get("object")
+    new = request.get("object")
+    pod = (
+        wire.decode_new_pod(new) if operation == "CREATE" and isinstance(new, wire.Raw) else wire.decode(new)
+    )
     if not isinstance(pod, dict):
         return _error(
             "request.object", "is not a Pod object", "send the Pod being admitted in request.object"
         )
     if not model.is_module_pod(pod):
         return Decision("allowed")
-    problems = model.validate_pod(pod, stack_defaulted=True)
     if operation == "CREATE":
-        if not problems:  # the usual case, without two list scans
-            ops = default_ops(pod, defaults)
-            return Decision("patched" if ops else "allowed", ops=ops)
-        errors = model.errors(problems)
-        if errors:
-            return _deny(errors)
-        return _allow(default_ops(pod, defaults), model.warnings(problems))
-    return _decide_update(pod, request.get("oldObject"), problems)
+        return _decide_create(pod, defaults)
+    return _decide_update(pod, wire.decode(request.get("oldObject")))
 
 
-def _decide_update(pod: Mapping[str, Any], old: Any, problems: list[model.Problem]) -> Decision:
+_VERDICTS: dict[tuple[bytes, Defaults], Decision] = {}
+
+
+def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
+    """A new module Pod's verdict depends on its spec alone, and all replicas of a release share
+    that spec byte for byte in what the webhook reads of it (webhook.wire declares no volumes,
+    mounts or names): one verdict per distinct spec is kept."""
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        return _judge_new_pod(pod, defaults)
+    key = (_JSON.encode(spec), defaults)  # Raw parts are copied as they arrived
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        verdict = _judge_new_pod({"spec": {k: wire.decode(v) for k, v in spec.items()}}, defaults)
+        if len(key[0]) <= CACHED_SPEC_BYTES:
+            if len(_VERDICTS) >= CACHED_SPECS:
+                _VERDICTS.clear()  # simpler than LRU order, and as good: releases come in bursts
+            _VERDICTS[key] = verdict
+    return verdict
+
+
+def _judge_new_pod(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
+    problems = model.validate_pod(pod, stack_defaulted=True)
+    if not problems:  # the usual case, without two list scans
+        ops = default_ops(pod, defaults)
+        return Decision("patched" if ops else "allowed", ops=ops)
+    errors = model.errors(problems)
+    if errors:
+        return _deny(errors)
+    return _allow(default_ops(pod, defaults), model.warnings(problems))
+
+
+def _decide_update(pod: Mapping[str, Any], old: Any) -> Decision:
     """Container resources, env and affinity are immutable after CREATE, so an UPDATE gets no
     defaults; it is judged only on what it changes, so a Pod stored before the webhook existed (or
     one being deleted) can still have its finalizers and annotations edited."""
     metadata = pod.get("metadata")
     if isinstance(metadata, dict) and metadata.get("deletionTimestamp"):
         return Decision("allowed")
+    problems = model.validate_pod(pod, stack_defaulted=True)
     before = (
-        {str(p) for p in model.validate_pod(old, stack_defaulted=True)} if isinstance(old, dict) else set()
+        {str(p) for p in model.validate_pod(old, stack_defaulted=True)}
+        if isinstance(old, dict) and model.is_module_pod(old)
+        else set()
     )
-    if isinstance(old, dict) and not model.is_module_pod(old):
-        before = set()
     new = [p for p in problems if str(p) not in before]
     errors = model.errors(new)
     if errors:

@@ -68,6 +68,7 @@ def eviction_toleration(key: str, seconds: int) -> dict[str, Any]:
 
 
 def default_ops(pod: Mapping[str, Any], defaults: Defaults) -> list[Op]:
+    """Only `spec` is read, and of it only what webhook/wire.py declares (see model.validate_pod)."""
     spec = pod.get("spec")
     if not isinstance(spec, dict):
         return []

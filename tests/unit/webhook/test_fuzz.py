@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from koupleless import keys, model
 from tests.unit.webhook.samples import SEED_JAR, review, seed_pod
-from webhook.admission import decide, parse_review
+from webhook.admission import decide, encode_response, parse_review, read_review, response_document
 from webhook.defaults import Defaults
 from webhook.server import create_app
 
@@ -69,14 +69,23 @@ resources = st.fixed_dictionaries(
         ),
     },
 )
-container = st.fixed_dictionaries(
-    {"name": maybe(names), "image": maybe(images)},
+#: Fields a base ignores (warned about), and one nobody reads (skipped undecoded by the server).
+container_extras = st.fixed_dictionaries(
+    {},
     optional={
-        "env": maybe(st.lists(maybe(env_var), max_size=3)),
-        "resources": maybe(resources),
         "args": json_values,
+        "command": st.lists(st.text(max_size=4), max_size=2),
+        "lifecycle": json_values,
+        "volumeMounts": st.lists(st.fixed_dictionaries({"name": st.text(max_size=6)}), max_size=2),
     },
 )
+container = st.tuples(
+    st.fixed_dictionaries(
+        {"name": maybe(names), "image": maybe(images)},
+        optional={"env": maybe(st.lists(maybe(env_var), max_size=3)), "resources": maybe(resources)},
+    ),
+    container_extras,
+).map(lambda parts: {**parts[0], **parts[1]})
 expression = st.fixed_dictionaries(
     {
         "key": st.sampled_from(
@@ -161,6 +170,7 @@ def seed_variants(draw: st.DrawFn) -> dict[str, Any]:
         first["image"] = draw(images)
     if draw(st.booleans()):
         first["resources"] = draw(resources)
+    first.update(draw(container_extras))
     for n in range(draw(st.integers(0, 2))):
         extra = copy.deepcopy(first)
         extra["name"] = f"biz{n + 2}"
@@ -324,3 +334,18 @@ def test_every_error_is_one_item_of_the_rejection(doc: dict[str, Any]) -> None:
         errors = model.errors(model.validate_pod(doc["request"]["object"], stack_defaulted=True))
         if doc["request"]["operation"] == "CREATE":
             assert decision.message.split("; ") == [str(e) for e in errors]
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=reviews())
+def test_reading_only_what_is_needed_changes_no_answer(doc: dict[str, Any]) -> None:
+    """The server decodes only the fields it reads (webhook.wire) and keeps one verdict per new
+    Pod spec: it answers every review exactly as the whole decoded document is answered, the first
+    time and from the kept verdict."""
+    whole = decide(parse_review(doc), DEFAULTS)
+    body = orjson.dumps(doc)
+    first = decide(read_review(body), DEFAULTS)
+    kept = decide(read_review(body), DEFAULTS)
+    assert first == whole
+    assert kept == whole
+    assert orjson.loads(encode_response("u", kept)) == response_document("u", whole)

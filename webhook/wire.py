@@ -1,0 +1,114 @@
+"""AdmissionReview bodies decoded to just what the webhook reads.
+
+Most of an AdmissionReview is of no use here: userInfo, options, the requestKind copies, and in
+the Pod its status, owner references, volumes, mounts and dozens of defaulted fields. msgspec
+skips undeclared fields without building objects for them, which is most of the cost of reading a
+review. Two subtrees of a new Pod stay undecoded (`msgspec.Raw`), affinity and tolerations: they
+are read only the first time a spec is judged (webhook.admission keeps a verdict per spec).
+
+A body whose shape differs from these declarations (a container that is not an object, say) is not
+an error here: it is decoded in full, without a schema, and judged by the same rules, which name
+the field that is wrong. The declarations only decide how fast a well-formed body is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+import msgspec
+
+#: The JSON value of a field left undecoded.
+Raw = msgspec.Raw
+DecodeError = msgspec.DecodeError
+
+
+class Request(TypedDict, total=False):
+    uid: Any
+    kind: Any
+    resource: Any
+    subResource: Any
+    operation: Any
+    namespace: Any
+    name: Any
+    #: Decoded when needed: a Pod at CREATE with `NEW_POD`, anything else in full.
+    object: msgspec.Raw
+    oldObject: msgspec.Raw
+
+
+class Envelope(TypedDict, total=False):
+    apiVersion: Any
+    kind: Any
+    request: Request
+
+
+class Container(TypedDict, total=False):
+    """What koupleless.model reads of a container (its `_IGNORED_CONTAINER_FIELDS` included)."""
+
+    name: Any
+    image: Any
+    env: Any
+    resources: Any
+    command: Any
+    args: Any
+    livenessProbe: Any
+    readinessProbe: Any
+    startupProbe: Any
+    lifecycle: Any
+
+
+class PodSpec(TypedDict, total=False):
+    """What koupleless.model.spec_problems and webhook.defaults.spec_ops read of a Pod's spec."""
+
+    containers: list[Container]
+    affinity: msgspec.Raw
+    tolerations: msgspec.Raw
+    initContainers: Any
+    ephemeralContainers: Any
+    nodeName: Any
+    hostNetwork: Any
+    hostPID: Any
+    hostIPC: Any
+    schedulerName: Any
+
+
+class Metadata(TypedDict, total=False):
+    name: Any
+    generateName: Any
+    namespace: Any
+    labels: Any
+    deletionTimestamp: Any
+
+
+class NewPod(TypedDict, total=False):
+    metadata: Metadata
+    spec: PodSpec
+
+
+_ENVELOPE = msgspec.json.Decoder(Envelope)
+_NEW_POD = msgspec.json.Decoder(NewPod)
+#: Without a schema. msgspec rather than orjson throughout, so that what one accepts (integers
+#: beyond 64 bits, say) the other cannot refuse halfway through a request.
+_ANY = msgspec.json.Decoder()
+
+
+def decode_review(body: bytes) -> Any:
+    """The body as a JSON value; a well-formed AdmissionReview with `request.object` and
+    `request.oldObject` left as Raw. Raises DecodeError when the body is not JSON."""
+    try:
+        return _ENVELOPE.decode(body)
+    except msgspec.ValidationError:
+        return _ANY.decode(body)  # not an AdmissionReview: the caller names the field
+
+
+def decode_new_pod(raw: msgspec.Raw) -> Any:
+    """A Pod being created, with `spec.affinity` and `spec.tolerations` left as Raw when it has the
+    shape of a Pod, else the whole JSON value."""
+    try:
+        return _NEW_POD.decode(raw)
+    except msgspec.ValidationError:
+        return _ANY.decode(raw)
+
+
+def decode(value: Any) -> Any:
+    """A field that may have been left undecoded, as a JSON value."""
+    return _ANY.decode(value) if isinstance(value, msgspec.Raw) else value
