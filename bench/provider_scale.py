@@ -77,7 +77,7 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def module_pod(ns: str, name: str, node: str, containers: int) -> dict[str, Any]:
+def module_pod(ns: str, name: str, node: str, containers: int, prefix: str = "biz") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -87,8 +87,8 @@ def module_pod(ns: str, name: str, node: str, containers: int) -> dict[str, Any]
             "tolerations": [keys.vnode_toleration()],
             "containers": [
                 {
-                    "name": f"biz{i}",
-                    "image": f"https://example.com/modules/biz{i}-1.0.{i}-ark-biz.jar",
+                    "name": f"{prefix}{i}",
+                    "image": f"https://example.com/modules/{prefix}{i}-1.0.{i}-ark-biz.jar",
                     "env": [{"name": "BIZ_VERSION", "value": f"1.0.{i}"}],
                 }
                 for i in range(containers)
@@ -113,19 +113,18 @@ def _http_ok(port: int) -> bool:
         return bool(resp.status == 200)
 
 
-def hist_quantiles(port: int, name: str, qs: tuple[float, ...] = (0.5, 0.99)) -> tuple[int, list[float]]:
-    """(count, upper bucket bounds in ms holding each quantile) of a provider histogram."""
+def provider_buckets(port: int, name: str) -> dict[float, float]:
+    """A provider histogram's cumulative buckets (le seconds -> count), from its /metrics."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    buckets = []
+    buckets: dict[float, float] = {}
     for line in text.splitlines():
         if line.startswith(name + "_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
-    total = buckets[-1][1] if buckets else 0.0
-    return int(total), [next((le * 1000 for le, c in buckets if c >= q * total), float("inf")) for q in qs]
+            buckets[float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
 
 
 def counter_sums(port: int, name: str, label: str) -> dict[str, float]:
@@ -140,6 +139,26 @@ def counter_sums(port: int, name: str, label: str) -> dict[str, float]:
             value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
             sums[value] = sums.get(value, 0.0) + float(line.rsplit(" ", 1)[1])
     return sums
+
+
+def apiserver_buckets(cp: ControlPlane, verb: str, resource: str, subresource: str) -> dict[float, float]:
+    """kube-apiserver's own apiserver_request_duration_seconds buckets (le -> count) for one kind of
+    request: its share of a round trip, without the client, the network or the watch."""
+    text = cp.kubectl("get", "--raw", "/metrics").stdout
+    want = (f'resource="{resource}"', f'subresource="{subresource}"', f'verb="{verb}"')
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_duration_seconds_bucket{") and all(w in line for w in want):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = buckets.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def bucket_quantiles(before: dict[float, float], after: dict[float, float], qs: tuple[float, ...] = (0.5, 0.99)) -> tuple[int, list[float]]:
+    """(count, upper bucket bound in ms holding each quantile) of the requests between two snapshots."""
+    diff = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = diff[-1][1] if diff else 0.0
+    return int(total), [next((le * 1000 for le, c in diff if c >= q * total), float("inf")) for q in qs]
 
 
 def ready(obj: dict[str, Any]) -> bool:
@@ -158,20 +177,24 @@ async def wait_for(check: Any, timeout: float, what: str) -> float:
 
 
 async def create_pods(
-    client: KubeClient, pods: list[dict[str, Any]], concurrency: int
+    client: KubeClient, pods: list[dict[str, Any]], concurrency: int, rate: float = 0.0
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Create; (send time, acknowledged time) per Pod name."""
+    """Create, `concurrency` at a time, or at `rate` Pods a second when given (each on its own
+    schedule, whatever the answers do); (send time, acknowledged time) per Pod name."""
     sent: dict[str, float] = {}
     acked: dict[str, float] = {}
-    sem = asyncio.Semaphore(concurrency)
+    sem = asyncio.Semaphore(concurrency if not rate else len(pods) or 1)
+    start = time.monotonic()
 
-    async def one(p: dict[str, Any]) -> None:
+    async def one(i: int, p: dict[str, Any]) -> None:
+        if rate:
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         async with sem:
             sent[p["metadata"]["name"]] = time.monotonic()
             await client.create(pod_path(p["metadata"]["namespace"]), p)
             acked[p["metadata"]["name"]] = time.monotonic()
 
-    await asyncio.gather(*(one(p) for p in pods))
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(pods)))
     return sent, acked
 
 
@@ -194,6 +217,54 @@ async def watch_namespace(
     pods.start()
     await asyncio.gather(nodes.wait_synced(), pods.wait_synced())
     return nodes, pods, pod_ready_at
+
+
+async def measure_hops(
+    label: str,
+    prefix: str,
+    rate: float,
+    concurrency: int,
+    client: KubeClient,
+    cp: ControlPlane,
+    fleet: TimedFleet,
+    ns: str,
+    node_names: list[str],
+    pod_ready_at: dict[str, float],
+    http_port: int,
+) -> None:
+    """One module Pod (module `<prefix>0`) per base; prints hops A and B as the bases and this
+    process's watch saw them, then the provider's and kube-apiserver's own shares."""
+    batch = [module_pod(ns, f"{prefix}-{i}", node, 1, prefix) for i, node in enumerate(node_names)]
+    metrics = ("koupleless_provider_bound_to_install_seconds", "koupleless_provider_reply_to_status_patch_seconds",
+               "koupleless_provider_reply_to_status_seconds")
+    before = {m: provider_buckets(http_port, m) for m in metrics}
+    patches0 = apiserver_buckets(cp, "PATCH", "pods", "status")
+    sent, acked = await create_pods(client, batch, concurrency, rate)
+    names = [p["metadata"]["name"] for p in batch]
+    await wait_for(lambda: all(n in pod_ready_at for n in names), 300, "module Pods Ready")
+    patches = bucket_quantiles(patches0, apiserver_buckets(cp, "PATCH", "pods", "status"))
+    inside = {m: bucket_quantiles(before[m], provider_buckets(http_port, m)) for m in metrics}
+    module = f"{prefix}0"
+    hop_a, hop_b, api = [], [], []
+    for name, node in zip(names, node_names, strict=True):
+        base_id = node[len(keys.VNODE_NAME_PREFIX):]
+        hop_a.append((fleet.install_received[(base_id, module)] - acked[name]) * 1000)
+        api.append((acked[name] - sent[name]) * 1000)
+        hop_b.append((pod_ready_at[name] - fleet.reply_sent[(base_id, module)]) * 1000)
+    took = max(acked.values()) - min(sent.values())
+    print(f"[2] {len(batch)} Pods {label}: all created in {took:.1f}s; API server create round trip "
+          f"p50={pct(api, 50):.1f} ms  p99={pct(api, 99):.1f} ms")
+    for hop, values in (("A bound -> installBiz", hop_a), ("B ACTIVATED -> Ready", hop_b)):
+        p50, p99 = pct(values, 50), pct(values, 99)
+        print(f"    hop {hop:<22} n={len(values)} p50={p50:6.1f} ms  p99={p99:6.1f} ms  "
+              f"(target p99 <= 100 ms: ratio {p99 / 100:.2f})")
+    for share, metric in zip(("A bound -> installBiz", "B reply -> status PATCH sent", "B reply -> status stored"),
+                             metrics, strict=True):
+        n, (q50, q99) = inside[metric]
+        print(f"    inside the provider, {share:<28} n={n} p50 <= {q50:g} ms  p99 <= {q99:g} ms (bucket bounds)")
+    n, (q50, q99) = patches
+    print(f"    inside kube-apiserver, pods/status PATCH        n={n} p50 <= {q50:g} ms  p99 <= {q99:g} ms "
+          "(its own request duration buckets)")
 
 
 async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:
@@ -224,31 +295,14 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
         rate = args.bases / took
         print(f"[1] {args.bases} bases Ready in {took:.1f}s: {rate:.0f} bases/s (from base-sim start, {time.monotonic()-t0:.1f}s)")
 
-        # hop A and B: one single-module Pod per base
+        # hop A and B: one single-module Pod per base, paced as a controller creates them, then all at once
         node_names = sorted(keys.vnode_name(b) for b in fleet.bases)
-        batch = [module_pod(ns, f"m-{i}", node, 1) for i, node in enumerate(node_names)]
-        sent, acked = await create_pods(client, batch, args.hop_concurrency)
-        await wait_for(lambda: len(pod_ready_at) >= len(batch), 300, "module Pods Ready")
-        hop_a, hop_b, api = [], [], []
-        for i, node in enumerate(node_names):
-            base_id = node[len(keys.VNODE_NAME_PREFIX):]
-            name = f"m-{i}"
-            hop_a.append((fleet.install_received[(base_id, "biz0")] - acked[name]) * 1000)
-            api.append((acked[name] - sent[name]) * 1000)
-            hop_b.append((pod_ready_at[name] - fleet.reply_sent[(base_id, "biz0")]) * 1000)
-        print(f"[2] for scale: API server create round trip (one etcd write) p50={pct(api, 50):6.1f} ms  "
-              f"p99={pct(api, 99):6.1f} ms")
-        for label, values in (("A bound -> installBiz", hop_a), ("B ACTIVATED -> Ready", hop_b)):
-            p50, p99 = pct(values, 50), pct(values, 99)
-            print(f"[2] hop {label:<22} n={len(values)} p50={p50:6.1f} ms  p99={p99:6.1f} ms  "
-                  f"(target p99 <= 100 ms: ratio {p99 / 100:.2f})")
-
-        for label, metric in (("A bound -> installBiz", "koupleless_provider_bound_to_install_seconds"),
-                              ("B reply -> status PATCH sent", "koupleless_provider_reply_to_status_patch_seconds"),
-                              ("B reply -> status stored", "koupleless_provider_reply_to_status_seconds")):
-            n, (q50, q99) = hist_quantiles(http_port, metric)
-            print(f"[2] inside the provider, hop {label:<24} n={n} p50 <= {q50:g} ms  p99 <= {q99:g} ms  "
-                  f"(histogram bucket bounds)")
+        paced = f"created at {args.hop_rate:g} Pods/s" if args.hop_rate else "created back to back"
+        await measure_hops(f"{paced}", "biz", args.hop_rate, args.hop_concurrency, client, cp, fleet, ns, node_names,
+                           pod_ready_at, http_port)
+        if args.hop_rate:
+            await measure_hops(f"created back to back, {args.hop_concurrency} at a time (saturation)", "hot", 0.0,
+                               args.hop_concurrency, client, cp, fleet, ns, node_names, pod_ready_at, http_port)
 
         # scale: more bases, more modules
         extra = args.scale_bases - args.bases
@@ -262,7 +316,7 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
             print(f"[3] +{extra} bases Ready in {took:.1f}s ({extra / took:.0f} bases/s); "
                   f"{args.scale_bases} bases total (target 1,000 within 60 s)  [{time.monotonic()-t1:.1f}s]")
         all_nodes = sorted(keys.vnode_name(b) for f in fleets for b in f.bases)
-        have = len(batch)
+        have = len(pod_ready_at)  # the hop Pods, one module each
         want_pods = max(0, (args.scale_modules - have) // args.containers_per_pod)
         big = [module_pod(ns, f"s-{i}", all_nodes[i % len(all_nodes)], args.containers_per_pod)
                for i in range(want_pods)]
@@ -335,7 +389,7 @@ async def hop_round(
         batch = [module_pod(ns, f"m-{i}", node, 1) for i, node in enumerate(node_names)]
         writes0 = counter_sums(http_port, "koupleless_provider_api_writes_total", "what")
         calls0 = counter_sums(http_port, "koupleless_kube_requests_total", "verb")
-        _, acked = await create_pods(client, batch, args.hop_concurrency)
+        _, acked = await create_pods(client, batch, args.hop_concurrency, args.hop_rate)
         await wait_for(lambda: len(pod_ready_at) >= len(batch), 300, "module Pods Ready")
         writes1 = counter_sums(http_port, "koupleless_provider_api_writes_total", "what")
         calls1 = counter_sums(http_port, "koupleless_kube_requests_total", "verb")
@@ -348,8 +402,8 @@ async def hop_round(
             base_id = node[len(keys.VNODE_NAME_PREFIX):]
             hop_a.append((fleet.install_received[(base_id, "biz0")] - acked[f"m-{i}"]) * 1000)
             hop_b.append((pod_ready_at[f"m-{i}"] - fleet.reply_sent[(base_id, "biz0")]) * 1000)
-        _, inside = hist_quantiles(http_port, "koupleless_provider_reply_to_status_seconds")
-        _, own = hist_quantiles(http_port, "koupleless_provider_reply_to_status_patch_seconds")
+        _, inside = bucket_quantiles({}, provider_buckets(http_port, "koupleless_provider_reply_to_status_seconds"))
+        _, own = bucket_quantiles({}, provider_buckets(http_port, "koupleless_provider_reply_to_status_patch_seconds"))
         if own[0] != float("inf"):
             print(f"    {tag}: inside the provider, reply -> status PATCH sent p50 <= {own[0]:g} ms  p99 <= {own[1]:g} ms")
         return hop_a, hop_b, inside
@@ -402,8 +456,11 @@ def main() -> int:
     parser.add_argument("--scale-modules", type=int, default=5000)
     parser.add_argument("--containers-per-pod", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16, help="parallel Pod creates")
+    parser.add_argument("--hop-rate", type=float, default=20.0,
+                        help="Pods created per second while measuring the hops (default 20: kube-controller-manager's "
+                             "default client QPS, the pace a ReplicaSet gets its Pods at); 0: back to back only")
     parser.add_argument("--hop-concurrency", type=int, default=1,
-                        help="parallel creates while measuring the hops (1: one Pod at a time, no queueing)")
+                        help="parallel creates in the back-to-back hop run (1: one create after the other)")
     parser.add_argument("--workers", type=int, default=32, help="provider --workers")
     parser.add_argument("--kube-qps", type=float, default=400.0, help="provider --kube-qps")
     parser.add_argument("--provider-log-level", default="warning")

@@ -57,6 +57,9 @@ class Broker:
             "log_type warning",
             "log_type notice",
             "max_queued_messages 100000",
+            # Write each message at once rather than waiting for the previous one's TCP ACK (Nagle),
+            # which can hold a command back by the peer's delayed-ACK timer, 40 ms.
+            "set_tcp_nodelay true",
             # Stay the user that started us: dropping privileges would clear the parent-death signal
             # that stops the broker when its parent is killed.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",

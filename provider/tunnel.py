@@ -10,8 +10,10 @@ lost the session (restart without persistence, expiry) says so only through sess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -111,6 +113,7 @@ class MqttTunnel:
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
             c.tls_insecure_set(False)
+        c.on_socket_open = self._paho_socket_open
         c.on_connect = self._paho_connect
         c.on_connect_fail = self._paho_connect_fail
         c.on_disconnect = self._paho_disconnect
@@ -170,6 +173,13 @@ class MqttTunnel:
             await asyncio.to_thread(wait)
 
     # --- paho thread -> loop -------------------------------------------------------------------------
+
+    def _paho_socket_open(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        # paho leaves Nagle on: a small command written while the broker has not yet acknowledged
+        # the previous one then waits for that ACK, which the kernel may delay by 40 ms. Commands
+        # and replies are single small packets; send each at once.
+        with contextlib.suppress(AttributeError, OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _paho_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
