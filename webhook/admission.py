@@ -47,10 +47,6 @@ class Review:
     #: From `read_review`, `object` and `oldObject` are still undecoded (webhook.wire).
     request: Mapping[str, Any]
 
-    @property
-    def operation(self) -> Any:
-        return self.request.get("operation")
-
     def object(self) -> Any:
         return wire.decode(self.request.get("object"))
 
