@@ -93,11 +93,16 @@ _ANY = msgspec.json.Decoder()
 
 def decode_review(body: bytes) -> Any:
     """The body as a JSON value; a well-formed AdmissionReview with `request.object` and
-    `request.oldObject` left as Raw. Raises DecodeError when the body is not JSON."""
+    `request.oldObject` left as Raw. Raises DecodeError when the body is not JSON, or is nested
+    deeper than a Kubernetes object ever is (skipping a subtree reads its depth too, so the parts
+    left as Raw decode later)."""
     try:
-        return _ENVELOPE.decode(body)
-    except msgspec.ValidationError:
-        return _ANY.decode(body)  # not an AdmissionReview: the caller names the field
+        try:
+            return _ENVELOPE.decode(body)
+        except msgspec.ValidationError:
+            return _ANY.decode(body)  # not an AdmissionReview: the caller names the field
+    except RecursionError:
+        raise msgspec.DecodeError("nested too deeply") from None
 
 
 def decode_new_pod(raw: msgspec.Raw) -> Any:

@@ -50,6 +50,12 @@ async def test_mutate_answers_with_a_patch(client: TestClient) -> None:
         (b"{not json", "body: is not JSON"),
         (b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}', "request: is missing"),
         (b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}', "request.uid:"),
+        (b"[" * 100_000 + b"]" * 100_000, "body: is not JSON (nested too deeply)"),
+        (
+            b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u", '
+            b'"operation": "CREATE", "object": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+            "body: is not JSON (nested too deeply)",
+        ),
     ],
 )
 async def test_malformed_body_gets_400_with_a_reason_and_serving_goes_on(
