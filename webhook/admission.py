@@ -48,7 +48,27 @@ class Review:
     request: Mapping[str, Any]
 
     def object(self) -> Any:
-        return wire.decode(self.request.get("object"))
+        """`request.object` as a JSON value; Unreadable when it holds what no JSON value can."""
+        return self.field("object")
+
+    def field(self, name: str, *, new_pod: bool = False) -> Any:
+        value = self.request.get(name)
+        try:
+            if new_pod and isinstance(value, wire.Raw):
+                return wire.decode_new_pod(value)
+            return wire.decode(value)
+        except wire.DecodeError as exc:
+            raise Unreadable(f"request.{name}", str(exc)) from None
+
+
+class Unreadable(ValueError):
+    """A part of the review left undecoded that turns out not to decode: a number beyond float64,
+    which msgspec only notices when it builds the value."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +158,13 @@ def response_document(uid: str, decision: Decision) -> dict[str, Any]:
 
 
 def decide(review: Review, defaults: Defaults) -> Decision:
+    try:
+        return _decide(review, defaults)
+    except Unreadable as exc:
+        return _error(exc.field, f"cannot be read ({exc.reason})", "send numbers a 64-bit float can hold")
+
+
+def _decide(review: Review, defaults: Defaults) -> Decision:
     request = review.request
     operation = request.get("operation")
     if operation not in ("CREATE", "UPDATE") or request.get("subResource"):
@@ -146,10 +173,7 @@ def decide(review: Review, defaults: Defaults) -> Decision:
         if _is_workload(request):
             return _decide_workload(review.object())
         return Decision("allowed")
-    new = request.get("object")
-    pod = (
-        wire.decode_new_pod(new) if operation == "CREATE" and isinstance(new, wire.Raw) else wire.decode(new)
-    )
+    pod = review.field("object", new_pod=operation == "CREATE")
     if not isinstance(pod, dict):
         return _error(
             "request.object", "is not a Pod object", "send the Pod being admitted in request.object"
@@ -158,7 +182,7 @@ def decide(review: Review, defaults: Defaults) -> Decision:
         return Decision("allowed")
     if operation == "CREATE":
         return _decide_create(pod, defaults)
-    return _decide_update(pod, wire.decode(request.get("oldObject")))
+    return _decide_update(pod, review.field("oldObject"))
 
 
 _VERDICTS: dict[tuple[bytes, Defaults], Decision] = {}
@@ -174,7 +198,11 @@ def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
     key = (_JSON.encode(spec), defaults)  # Raw parts are copied as they arrived
     verdict = _VERDICTS.get(key)
     if verdict is None:
-        verdict = _judge_new_pod({"spec": {k: wire.decode(v) for k, v in spec.items()}}, defaults)
+        try:
+            decoded = {k: wire.decode(v) for k, v in spec.items()}
+        except wire.DecodeError as exc:
+            raise Unreadable("request.object", str(exc)) from None
+        verdict = _judge_new_pod({"spec": decoded}, defaults)
         if len(key[0]) <= CACHED_SPEC_BYTES:
             if len(_VERDICTS) >= CACHED_SPECS:
                 _VERDICTS.clear()  # simpler than LRU order, and as good: releases come in bursts

@@ -26,7 +26,16 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from koupleless.http import add_health_routes
-from webhook.admission import BadReview, Decision, Result, Review, decide, encode_response, read_review
+from webhook.admission import (
+    BadReview,
+    Decision,
+    Result,
+    Review,
+    Unreadable,
+    decide,
+    encode_response,
+    read_review,
+)
 from webhook.defaults import Defaults
 
 log = logging.getLogger(__name__)
@@ -161,7 +170,10 @@ def _bad_request(request: web.Request, field: str, reason: str) -> web.Response:
 
 def _log_refusal(review: Review, decision: Decision) -> None:
     req = review.request
-    obj: Any = review.object()
+    try:
+        obj: Any = review.object()
+    except Unreadable:
+        obj = None
     metadata = obj.get("metadata") if isinstance(obj, dict) else None
     name = req.get("name") or (metadata.get("generateName") if isinstance(metadata, dict) else None) or "?"
     log.info(

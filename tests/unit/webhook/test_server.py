@@ -89,3 +89,16 @@ async def test_health_routes(client: TestClient) -> None:
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
     assert (await client.get("/mutate")).status == 405
+
+
+async def test_a_number_no_float_can_hold_is_refused_by_name(client: TestClient) -> None:
+    """Parts of a review are decoded only when needed; one that cannot be is still answered in kind."""
+    pod = orjson.dumps(seed_pod()).replace(b'"tolerations":[', b'"tolerations":[{"tolerationSeconds":1e400},', 1)
+    body = orjson.dumps(review({})).replace(b'"object":{}', b'"object":' + pod, 1)
+    resp = await client.post("/mutate", data=body)
+    assert resp.status == 200
+    answer = orjson.loads(await resp.read())["response"]
+    assert answer["allowed"] is False
+    assert answer["status"]["code"] == 400
+    assert answer["status"]["message"].startswith("request.object: cannot be read (Number out of range")
+    assert (await client.post("/mutate", data=orjson.dumps(review(seed_pod())))).status == 200
