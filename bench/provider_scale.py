@@ -8,6 +8,9 @@ Measured, side by side in one run:
      (loopback MQTT, so receipt ~ publish; watch delivery to the provider included);
   3. hop B, ACTIVATED report -> Pod Ready: from the base publishing its install reply to this
      process's watch seeing Ready=True (watch delivery included: an upper bound);
+     both hops twice: Pods created at --hop-rate a second (20, the pace kube-controller-manager's
+     default client QPS gives a ReplicaSet), then back to back (saturation); each with the
+     provider's own share and kube-apiserver's own time for the status PATCH;
   4. the provider's RSS and CPU with --scale-bases bases and --scale-modules modules (Pods of
      --containers-per-pod modules), in a steady window with heartbeats and Lease renewals running.
 Targets from issue 4 are printed beside each figure as a ratio (figure / target; <= 1 meets it).

@@ -30,7 +30,7 @@ class Request(TypedDict, total=False):
     operation: Any
     namespace: Any
     name: Any
-    #: Decoded when needed: a Pod at CREATE with `NEW_POD`, anything else in full.
+    #: Decoded when needed: a Pod at CREATE by `decode_new_pod`, anything else in full.
     object: msgspec.Raw
     oldObject: msgspec.Raw
 
@@ -57,7 +57,7 @@ class Container(TypedDict, total=False):
 
 
 class PodSpec(TypedDict, total=False):
-    """What koupleless.model.spec_problems and webhook.defaults.spec_ops read of a Pod's spec."""
+    """What koupleless.model.validate_pod and webhook.defaults.default_ops read of a Pod's spec."""
 
     containers: list[Container]
     affinity: msgspec.Raw
