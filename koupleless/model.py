@@ -130,14 +130,27 @@ def is_module_pod(pod: Mapping[str, Any]) -> bool:
     return keys.is_module_pod_labels(labels if isinstance(labels, dict) else None)
 
 
-#: Every replica of a release carries the same jar URLs, and URL parsing is the costliest step of
-#: reading a module on the webhook's and the extender's hot paths: remember recent answers.
-@functools.lru_cache(maxsize=4096)
 def infer_from_jar(url: str) -> tuple[str, str] | None:
     """(artifact, version) from a `<artifact>-<version>-ark-biz.jar` URL, else None."""
-    name = urlsplit(url).path.rsplit("/", 1)[-1]
-    match = _ARK_BIZ_JAR.match(name)
-    return (match["artifact"], match["version"]) if match else None
+    return _jar_url(url)[1]
+
+
+#: Every replica of a release carries the same jar URLs, and URL parsing is the costliest step of
+#: reading a module on the webhook's and the extender's hot paths: remember recent answers, and
+#: parse a new one once for both questions asked of it.
+@functools.lru_cache(maxsize=4096)
+def _jar_url(url: str) -> tuple[bool, tuple[str, str] | None]:
+    """(is it an http(s) or file URL of a .jar, (artifact, version) from its file name)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "http://[::1": not a URL at all
+        return False, None
+    scheme = parts.scheme
+    is_jar = (
+        scheme in _JAR_URL_SCHEMES and (scheme == "file" or bool(parts.netloc)) and parts.path.endswith(".jar")
+    )
+    match = _ARK_BIZ_JAR.match(parts.path.rsplit("/", 1)[-1])
+    return is_jar, ((match["artifact"], match["version"]) if match else None)
 
 
 def env_value(container: Mapping[str, Any], name: str) -> str | None:
@@ -442,17 +455,8 @@ def _all_non_empty_strings(values: list[Any]) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=4096)
 def _is_jar_url(image: str) -> bool:
-    try:
-        parts = urlsplit(image)
-    except ValueError:
-        return False
-    if parts.scheme not in _JAR_URL_SCHEMES:
-        return False
-    if parts.scheme != "file" and not parts.netloc:
-        return False
-    return parts.path.endswith(".jar")
+    return _jar_url(image)[0]
 
 
 def _dict(value: Any) -> JsonDict:

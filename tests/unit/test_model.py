@@ -195,6 +195,7 @@ def test_version_is_inferred_from_ark_biz_jar_name() -> None:
     assert infer_from_jar(SEED_JAR) == ("biz1-web-single-host", "0.0.1-SNAPSHOT")
     assert infer_from_jar("file:///opt/biz2-1.2.3-ark-biz.jar") == ("biz2", "1.2.3")
     assert infer_from_jar("https://host/biz2.jar") is None
+    assert infer_from_jar("http://[::1/biz2-1.2.3-ark-biz.jar") is None  # not a URL: nothing to infer
     pod = _edit([*CONTAINER, "env"], delete=True)
     assert errors(validate_pod(pod)) == []
     (module,) = ModuleSpec.from_pod(pod).modules
