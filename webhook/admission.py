@@ -188,6 +188,17 @@ def _decide(review: Review, defaults: Defaults) -> Decision:
 _VERDICTS: dict[tuple[bytes, Defaults], Decision] = {}
 
 
+@dataclass(slots=True)
+class VerdictCounts:
+    """New module Pods whose kept verdict was reused, and those judged afresh (for /metrics)."""
+
+    reused: int = 0
+    judged: int = 0
+
+
+VERDICT_COUNTS = VerdictCounts()
+
+
 def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
     """A new module Pod's verdict depends on its spec alone, and all replicas of a release share
     that spec byte for byte in what the webhook reads of it (webhook.wire declares no volumes,
@@ -197,7 +208,10 @@ def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
         return _judge_new_pod(pod, defaults)
     key = (_JSON.encode(spec), defaults)  # Raw parts are copied as they arrived
     verdict = _VERDICTS.get(key)
-    if verdict is None:
+    if verdict is not None:
+        VERDICT_COUNTS.reused += 1
+    else:
+        VERDICT_COUNTS.judged += 1
         try:
             decoded = {k: wire.decode(v) for k, v in spec.items()}
         except wire.DecodeError as exc:

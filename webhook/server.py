@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from koupleless.http import add_health_routes
 from webhook.admission import (
+    VERDICT_COUNTS,
     BadReview,
     Decision,
     Result,
@@ -85,6 +86,15 @@ class AdmissionStats(Collector):
         bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
         latency.add_metric([], list(zip(bounds, cumulative, strict=True)), self.seconds)
         yield latency
+        verdicts = CounterMetricFamily(
+            "koupleless_webhook_new_pod_verdicts",
+            "New module Pods by how they were judged: reused (a kept verdict for the same spec, as a release's "
+            "replicas share) or judged (a spec not seen lately)",
+            labels=["verdict"],
+        )
+        verdicts.add_metric(["reused"], VERDICT_COUNTS.reused)
+        verdicts.add_metric(["judged"], VERDICT_COUNTS.judged)
+        yield verdicts
 
 
 class WebhookMetrics:

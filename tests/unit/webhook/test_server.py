@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -93,7 +95,9 @@ async def test_health_routes(client: TestClient) -> None:
 
 async def test_a_number_no_float_can_hold_is_refused_by_name(client: TestClient) -> None:
     """Parts of a review are decoded only when needed; one that cannot be is still answered in kind."""
-    pod = orjson.dumps(seed_pod()).replace(b'"tolerations":[', b'"tolerations":[{"tolerationSeconds":1e400},', 1)
+    pod = orjson.dumps(seed_pod()).replace(
+        b'"tolerations":[', b'"tolerations":[{"tolerationSeconds":1e400},', 1
+    )
     body = orjson.dumps(review({})).replace(b'"object":{}', b'"object":' + pod, 1)
     resp = await client.post("/mutate", data=body)
     assert resp.status == 200
@@ -102,3 +106,30 @@ async def test_a_number_no_float_can_hold_is_refused_by_name(client: TestClient)
     assert answer["status"]["code"] == 400
     assert answer["status"]["message"].startswith("request.object: cannot be read (Number out of range")
     assert (await client.post("/mutate", data=orjson.dumps(review(seed_pod())))).status == 200
+
+
+async def test_replicas_reuse_the_verdict_of_the_first(client: TestClient) -> None:
+    """Pods of one release differ only in what the webhook does not read (names, volumes)."""
+
+    async def admit(pod: dict[str, Any]) -> dict[str, Any]:
+        resp = await client.post("/mutate", data=orjson.dumps(review(pod)))
+        return dict(orjson.loads(await resp.read())["response"])
+
+    async def counts() -> tuple[float, float]:
+        name = "koupleless_webhook_new_pod_verdicts_total"
+        reused = await metric(client, f'{name}{{verdict="reused"}}')
+        return reused, await metric(client, f'{name}{{verdict="judged"}}')
+
+    first, second = seed_pod(), seed_pod()
+    # a spec no other test sent: verdicts are kept for the whole process
+    run = {"name": "RUN", "value": str(uuid.uuid4())}
+    first["spec"]["containers"][0]["env"].append(run)
+    second["spec"]["containers"][0]["env"].append(dict(run))
+    first["spec"]["volumes"] = [{"name": "kube-api-access-aaaaa"}]
+    second["spec"]["volumes"] = [{"name": "kube-api-access-bbbbb"}]
+    reused, judged = await counts()
+    assert await admit(first) == await admit(second)
+    assert await counts() == (reused + 1, judged + 1)
+    second["spec"]["containers"][0]["env"].append({"name": "JAVA_OPTS", "value": "-Xmx1g"})
+    assert (await admit(second))["allowed"] is True
+    assert await counts() == (reused + 1, judged + 2)
