@@ -323,7 +323,7 @@ class Provider:
             seen = base.biz_ts.get(b.key)
             if seen is not None and seen[0] > ts:
                 continue  # a later reply already decided this module
-            fresh[b.key] = BizRecord(b.name, b.version, b.state, ts, b.change_time_ms, b.reason, b.message)
+            fresh[b.key] = BizRecord(b.name, b.version, b.state, b.change_time_ms, b.reason, b.message, ts=ts)
         for key, old in base.bizs.items():
             seen = base.biz_ts.get(key)
             if key not in fresh and seen is not None and seen[0] > ts:
@@ -347,7 +347,7 @@ class Provider:
         if op.command == arklet.CMD_INSTALL_BIZ:
             INSTALL_RESULTS.labels("success" if op.success else "failure").inc()
             if op.success:
-                base.bizs[op.key] = BizRecord(op.biz_name, op.biz_version, op.biz_state or arklet.ACTIVATED, ts, ts)
+                base.bizs[op.key] = BizRecord(op.biz_name, op.biz_version, op.biz_state or arklet.ACTIVATED, ts, ts=ts)
         elif op.success or "NOT_FOUND" in op.message.upper():
             base.bizs.pop(op.key, None)
         pod_key = base.pending.pop((op.command, op.key), None)

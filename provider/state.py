@@ -17,21 +17,11 @@ from koupleless.model import Module, biz_key
 CONTAINER_ID_SCHEME = "arklet://"
 
 
-@dataclass
-class BizRecord:
-    """A module as the base last reported it, and the base's timestamp of that report."""
+@dataclass(frozen=True, slots=True)
+class BizRecord(arklet.BizStatus):
+    """A module as the base last reported it, with the base's timestamp of that report."""
 
-    name: str
-    version: str
-    state: str
-    ts: int
-    change_time_ms: int | None = None
-    reason: str = ""
-    message: str = ""
-
-    @property
-    def key(self) -> str:
-        return biz_key(self.name, self.version)
+    ts: int = 0
 
 
 @dataclass

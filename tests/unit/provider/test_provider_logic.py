@@ -39,7 +39,7 @@ def base(**kw: Any) -> BaseState:
 
 def test_activated_module_makes_a_ready_running_pod_with_the_base_ip() -> None:
     b = base()
-    b.bizs["biz1:0.0.1"] = BizRecord("biz1", "0.0.1", arklet.ACTIVATED, 1_700_000_000_000, 1_700_000_000_000)
+    b.bizs["biz1:0.0.1"] = BizRecord("biz1", "0.0.1", arklet.ACTIVATED, 1_700_000_000_000, ts=1_700_000_000_000)
     rec = PodRecord(uid="u1", installed={"biz1": Module("biz1", "0.0.1", URL)})
     status = compute_status(pod(), rec, b, node_ready=True, now="2026-01-01T00:00:00Z")
     assert status["phase"] == "Running"
@@ -68,7 +68,7 @@ def test_failed_install_keeps_the_pod_pending_with_the_base_message() -> None:
 
 def test_replacing_and_not_ready_node() -> None:
     b = base()
-    b.bizs["biz1:0.0.1"] = BizRecord("biz1", "0.0.1", arklet.ACTIVATED, 1, 1)
+    b.bizs["biz1:0.0.1"] = BizRecord("biz1", "0.0.1", arklet.ACTIVATED, 1, ts=1)
     old = Module("biz1", "0.0.1", "https://h/old.jar")
     rec = PodRecord(uid="u1", installed={"biz1": old},
                     pending={"biz1": PendingOp(arklet.CMD_UNINSTALL_BIZ, old, 0.0)})
