@@ -222,6 +222,23 @@ async def watch_namespace(
     return nodes, pods, pod_ready_at
 
 
+def hop_times(
+    fleet: TimedFleet,
+    names: list[str],
+    node_names: list[str],
+    module: str,
+    acked: dict[str, float],
+    pod_ready_at: dict[str, float],
+) -> tuple[list[float], list[float]]:
+    """(hop A ms, hop B ms) per Pod `names[i]`, which holds `module` on `node_names[i]`."""
+    hop_a, hop_b = [], []
+    for name, node in zip(names, node_names, strict=True):
+        base_id = node[len(keys.VNODE_NAME_PREFIX):]
+        hop_a.append((fleet.install_received[(base_id, module)] - acked[name]) * 1000)
+        hop_b.append((pod_ready_at[name] - fleet.reply_sent[(base_id, module)]) * 1000)
+    return hop_a, hop_b
+
+
 async def measure_hops(
     label: str,
     prefix: str,
@@ -247,13 +264,8 @@ async def measure_hops(
     await wait_for(lambda: all(n in pod_ready_at for n in names), 300, "module Pods Ready")
     patches = bucket_quantiles(patches0, apiserver_buckets(cp, "PATCH", "pods", "status"))
     inside = {m: bucket_quantiles(before[m], provider_buckets(http_port, m)) for m in metrics}
-    module = f"{prefix}0"
-    hop_a, hop_b, api = [], [], []
-    for name, node in zip(names, node_names, strict=True):
-        base_id = node[len(keys.VNODE_NAME_PREFIX):]
-        hop_a.append((fleet.install_received[(base_id, module)] - acked[name]) * 1000)
-        api.append((acked[name] - sent[name]) * 1000)
-        hop_b.append((pod_ready_at[name] - fleet.reply_sent[(base_id, module)]) * 1000)
+    hop_a, hop_b = hop_times(fleet, names, node_names, f"{prefix}0", acked, pod_ready_at)
+    api = [(acked[name] - sent[name]) * 1000 for name in names]
     took = max(acked.values()) - min(sent.values())
     print(f"[2] {len(batch)} Pods {label}: all created in {took:.1f}s; API server create round trip "
           f"p50={pct(api, 50):.1f} ms  p99={pct(api, 99):.1f} ms")
@@ -400,11 +412,7 @@ async def hop_round(
         calls = {k: int(v - calls0.get(k, 0)) for k, v in calls1.items() if v > calls0.get(k, 0)}
         print(f"    {tag}: provider API requests while the Pods were created and became Ready: {calls} "
               f"(writes by kind: {spent})")
-        hop_a, hop_b = [], []
-        for i, node in enumerate(node_names):
-            base_id = node[len(keys.VNODE_NAME_PREFIX):]
-            hop_a.append((fleet.install_received[(base_id, "biz0")] - acked[f"m-{i}"]) * 1000)
-            hop_b.append((pod_ready_at[f"m-{i}"] - fleet.reply_sent[(base_id, "biz0")]) * 1000)
+        hop_a, hop_b = hop_times(fleet, [p["metadata"]["name"] for p in batch], node_names, "biz0", acked, pod_ready_at)
         _, inside = bucket_quantiles({}, provider_buckets(http_port, "koupleless_provider_reply_to_status_seconds"))
         _, own = bucket_quantiles({}, provider_buckets(http_port, "koupleless_provider_reply_to_status_patch_seconds"))
         if own[0] != float("inf"):
@@ -478,15 +486,10 @@ def main() -> int:
     if args.compare_with and not (Path(args.compare_with) / "provider" / "controller.py").exists():
         parser.error(f"--compare-with {args.compare_with}: not a source tree (no provider/controller.py)")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    cp = ControlPlane().start()
-    broker = Broker().start()
-    try:
-        import uvloop
+    import uvloop
 
+    with ControlPlane() as cp, Broker() as broker:
         uvloop.run(compare(args, cp, broker) if args.compare_with else bench(args, cp, broker))
-    finally:
-        broker.stop()
-        cp.stop()
     return 0
 
 

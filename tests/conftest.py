@@ -15,21 +15,14 @@ from devcluster.cluster import ControlPlane
 
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
-    plane = ControlPlane(keep_workdir=bool(os.environ.get("KOUPLELESS_KEEP_WORKDIR")))
-    plane.start()
-    try:
+    with ControlPlane(keep_workdir=bool(os.environ.get("KOUPLELESS_KEEP_WORKDIR"))) as plane:
         yield plane
-    finally:
-        plane.stop()
 
 
 @pytest.fixture(scope="session")
 def mqtt_broker() -> Iterator[Broker]:
-    broker = Broker().start()
-    try:
+    with Broker() as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

@@ -26,12 +26,8 @@ MakeSystem = Callable[[Broker], System]
 
 @pytest.fixture
 def password_broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = Broker(users={"provider": "provider-secret", "bases": "bases-secret"}, workdir=tmp_path / "mqtt")
-    broker.start()
-    try:
+    with Broker(users={"provider": "provider-secret", "bases": "bases-secret"}, workdir=tmp_path / "mqtt") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture
@@ -46,12 +42,8 @@ def broker_ca(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tls_broker(tmp_path: Path, broker_ca: Path) -> Iterator[Broker]:
-    broker = Broker(workdir=tmp_path / "mqtt-tls", tls_cert=tmp_path / "mqtt.crt", tls_key=tmp_path / "mqtt.key")
-    broker.start()
-    try:
+    with Broker(workdir=tmp_path / "mqtt-tls", tls_cert=tmp_path / "mqtt.crt", tls_key=tmp_path / "mqtt.key") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

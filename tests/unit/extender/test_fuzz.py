@@ -18,20 +18,15 @@ from extender.app import Extender, Settings, make_app
 from extender.state import ModulePod
 from extender.view import ClusterView
 from koupleless import keys
+from tests import strategies
 from tests.unit.extender.samples import module_pod, real_node, vnode
 from tests.unit.extender.test_app import FakeBinder
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**31), 2**31) | st.floats(allow_nan=False) | st.text(max_size=8)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=8,
-)
+json_values = strategies.json_values(floats=True)
 
 
 def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """Mostly well-typed, sometimes garbage: network input."""
-    return st.one_of(strategy, strategy, strategy, json_values)
+    return strategies.mostly(strategy, json_values)
 
 
 KNOWN = ["virtual-node-a", "virtual-node-b", "virtual-node-full"]

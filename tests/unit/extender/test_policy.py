@@ -241,17 +241,21 @@ def clusters(draw: st.DrawFn) -> tuple[ClusterView, dict, list[str]]:
     return view, pod, names
 
 
-@settings(max_examples=400, deadline=None)
-@given(case=clusters())
-def test_the_indexed_filter_answers_exactly_like_the_per_node_filter(case: tuple[ClusterView, dict, list[str]]) -> None:
-    view, raw_pod, names = case
-    pod = ModulePod.from_pod(raw_pod)
+def assert_indexed_answers_like_per_node(pod: ModulePod, names: list[str], view: ClusterView) -> None:
     fast = policy.filter_indexed(pod, names, view)
     assert fast is not None
     slow = policy.filter_pod(pod, [(n, view.bases.get(n)) for n in names], view.usage_of)
     assert sorted(fast.passing) == sorted(slow.passing)
     assert fast.failed == slow.failed
     assert fast.kinds == slow.kinds
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=clusters())
+def test_the_indexed_filter_answers_exactly_like_the_per_node_filter(case: tuple[ClusterView, dict, list[str]]) -> None:
+    view, raw_pod, names = case
+    pod = ModulePod.from_pod(raw_pod)
+    assert_indexed_answers_like_per_node(pod, names, view)
 
 
 def test_placement_on_other_labels_takes_the_per_node_path() -> None:
@@ -278,9 +282,4 @@ def test_a_request_naming_every_base_gets_the_per_node_answer_across_node_change
         else:
             view.upsert_node(vnode(name, version=version))
         names = data.draw(st.permutations(sorted(view.bases)))
-        fast = policy.filter_indexed(pod, names, view)
-        assert fast is not None
-        slow = policy.filter_pod(pod, [(n, view.bases.get(n)) for n in names], view.usage_of)
-        assert sorted(fast.passing) == sorted(slow.passing)
-        assert fast.failed == slow.failed
-        assert fast.kinds == slow.kinds
+        assert_indexed_answers_like_per_node(pod, names, view)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from koupleless import keys, model
+from tests import strategies
 from tests.unit.webhook.samples import SEED_JAR, review, seed_pod
 from webhook.admission import decide, encode_response, parse_review, read_review, response_document
 from webhook.defaults import Defaults
@@ -26,17 +27,11 @@ from webhook.server import create_app
 
 DEFAULTS = Defaults(env="fuzz", env_taint=True)
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**31), 2**31) | st.text(max_size=8)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=8,
-)
+json_values = strategies.json_values(floats=False)
 
 
 def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """Mostly well-typed, sometimes garbage: network input."""
-    return st.one_of(strategy, strategy, strategy, json_values)
+    return strategies.mostly(strategy, json_values)
 
 
 names = st.sampled_from(["biz1", "biz2", "biz1-web-single-host", "Biz_1", "", "a" * 64]) | st.text(
