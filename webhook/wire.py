@@ -74,7 +74,6 @@ class PodSpec(TypedDict, total=False):
 class Metadata(TypedDict, total=False):
     name: Any
     generateName: Any
-    namespace: Any
     labels: Any
     deletionTimestamp: Any
 
