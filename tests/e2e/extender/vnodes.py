@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from koupleless import keys
 from koupleless.kube import ApiError, KubeClient, lease_path, node_path
+from tests.helpers import async_wait_until
 from tests.unit.extender import samples
 
 T = TypeVar("T")
@@ -120,6 +121,15 @@ class VirtualNodes:
         self.names[name] = status
         await self.client.patch(node_path(name), status, "merge", subresource="status")
         await self._renew(name)
+        await async_wait_until(lambda: self._schedulable(name), timeout=60, interval=0.1,
+                               what=f"{name} without the {keys.TAINT_NOT_READY} taint")
+
+    async def _schedulable(self, name: str) -> bool:
+        """kube-apiserver taints a new Node not-ready until the node lifecycle controller sees it
+        Ready; until then kube-scheduler skips it, so a test that places modules right away could
+        find fewer bases than it made."""
+        node = await self.client.get(node_path(name))
+        return not any(t.get("key") == keys.TAINT_NOT_READY for t in node.get("spec", {}).get("taints") or [])
 
     async def _renew(self, name: str) -> None:
         lease = {
