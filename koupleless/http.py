@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -17,21 +17,34 @@ log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], bool]
 READY_CHECK: web.AppKey[ReadyCheck] = web.AppKey("ready_check")
+#: What is wrong, one line each (empty when nothing is): e.g. `Supervisor.problems`.
+ProblemsCheck = Callable[[], Sequence[str]]
+PROBLEMS_CHECK: web.AppKey[ProblemsCheck] = web.AppKey("problems_check")
 
 
 def add_health_routes(
-    app: web.Application, ready: Callable[[], bool] = lambda: True, registry: CollectorRegistry = REGISTRY
+    app: web.Application,
+    ready: Callable[[], bool] = lambda: True,
+    registry: CollectorRegistry = REGISTRY,
+    *,
+    problems: ProblemsCheck | None = None,
 ) -> None:
-    """`/healthz` (process alive), `/readyz` (can do its job), `/metrics` (Prometheus text)."""
+    """`/healthz` (process alive), `/readyz` (can do its job), `/metrics` (Prometheus text).
+
+    `/readyz` is 503 while `ready()` is False, and while `problems()` (when given, e.g. a
+    Supervisor's: a critical background task is down) names anything; the body lists them.
+    """
     app[READY_CHECK] = ready
+    app[PROBLEMS_CHECK] = problems or (lambda: ())
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     async def readyz(request: web.Request) -> web.Response:
-        if request.app[READY_CHECK]():
+        wrong = list(request.app[PROBLEMS_CHECK]())
+        if request.app[READY_CHECK]() and not wrong:
             return web.Response(text="ok")
-        return web.Response(status=503, text="not ready")
+        return web.Response(status=503, text="\n".join(["not ready", *wrong]))
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
