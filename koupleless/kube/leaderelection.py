@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -25,6 +23,9 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from koupleless.kube.client import ApiError, KubeClient, lease_path, pod_path
+from koupleless.kube.lease import LeaseObserver, LeaseRecord, lease_body, micro_time
+
+__all__ = ["LeaderElectionConfig", "LeaderElector", "LeaderPodLabel", "micro_time"]
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,6 @@ class LeaderElectionConfig:
         return out
 
 
-def micro_time(t: dt.datetime | None = None) -> str:
-    return (t or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 class LeaderElector:
     """Campaign for one Lease until stopped. `is_leader` says whether this process leads right now;
     `on_change(is_leader)` is called on every change."""
@@ -92,8 +89,7 @@ class LeaderElector:
         #: The holder the Lease named when last read ("" when free or never read).
         self.holder = ""
         self._path = lease_path(config.namespace, config.name)
-        self._observed_spec: dict[str, Any] | None = None
-        self._observed_at = 0.0
+        self._observer = LeaseObserver(default_duration=config.lease_duration)
         self._task: asyncio.Task[None] | None = None
         self._gauge = IS_LEADER.labels(f"{config.namespace}/{config.name}")
         self._gauge.set(0)
@@ -172,61 +168,36 @@ class LeaderElector:
                 log.warning("lease %s: %s", self._path, exc)
             return False
 
-    def _spec(self, acquire_time: str, transitions: int) -> dict[str, Any]:
-        return {
-            "holderIdentity": self.config.identity,
-            # An integer on the wire; rounding up never lets a standby take over early.
-            "leaseDurationSeconds": max(1, math.ceil(self.config.lease_duration)),
-            "acquireTime": acquire_time,
-            "renewTime": micro_time(),
-            "leaseTransitions": transitions,
-        }
+    def _observe(self, lease: dict[str, Any]) -> LeaseRecord:
+        self._observer.observe(self._path, lease)
+        record = LeaseRecord.from_lease(lease)
+        self.holder = record.holder
+        return record
 
-    def _observe(self, lease: dict[str, Any]) -> dict[str, Any]:
-        spec = lease.get("spec") or {}
-        if spec != self._observed_spec:
-            self._observed_spec = spec
-            self._observed_at = time.monotonic()
-        self.holder = str(spec.get("holderIdentity") or "")
-        return spec
-
-    def _held_by_another(self, spec: dict[str, Any]) -> bool:
-        holder = spec.get("holderIdentity") or ""
+    def _held_by_another(self, lease: dict[str, Any]) -> bool:
+        holder = LeaseRecord.from_lease(lease).holder
         if not holder or holder == self.config.identity:
             return False
-        duration = spec.get("leaseDurationSeconds")
-        if not isinstance(duration, int | float) or duration <= 0:
-            duration = self.config.lease_duration
-        return time.monotonic() < self._observed_at + float(duration)
+        return not self._observer.expired(self._path, lease)
 
     async def try_acquire_or_renew(self) -> bool:
         """One attempt; True when this process holds the Lease afterwards."""
+        cfg = self.config
         try:
             lease = await self.client.get(self._path)
         except ApiError as exc:
             if not exc.not_found:
                 raise
-            body = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": self.config.name, "namespace": self.config.namespace},
-                "spec": self._spec(micro_time(), 0),
-            }
-            self._observe(await self.client.create(lease_path(self.config.namespace), body))
+            body = lease_body(cfg.name, cfg.namespace, cfg.identity, cfg.lease_duration, 0)
+            self._observe(await self.client.create(lease_path(cfg.namespace), body))
             return True
-        spec = self._observe(lease)
-        if self._held_by_another(spec):
+        record = self._observe(lease)
+        if self._held_by_another(lease):
             return False
-        transitions = int(spec.get("leaseTransitions") or 0)
-        if spec.get("holderIdentity") == self.config.identity and spec.get("acquireTime"):
-            acquire_time = str(spec["acquireTime"])
-        else:
-            acquire_time = micro_time()
-            transitions += 1
-            log.info("lease %s/%s: taking it over from %s", self.config.namespace, self.config.name,
-                     spec.get("holderIdentity") or "nobody")
+        if record.holder != cfg.identity or not record.acquire_time:
+            log.info("lease %s/%s: taking it over from %s", cfg.namespace, cfg.name, record.holder or "nobody")
         # metadata keeps its resourceVersion: a replica that wrote in between makes this a 409.
-        updated = {**lease, "spec": self._spec(acquire_time, transitions)}
+        updated = {**lease, "spec": record.renewed_by(cfg.identity, cfg.lease_duration).to_spec()}
         self._observe(await self.client.replace(self._path, updated))
         return True
 
@@ -237,9 +208,7 @@ class LeaderElector:
             spec = lease.get("spec") or {}
             if spec.get("holderIdentity") != self.config.identity:
                 return
-            now = micro_time()
-            released = {**lease, "spec": {**spec, "holderIdentity": "", "leaseDurationSeconds": 1,
-                                           "renewTime": now, "acquireTime": now}}
+            released = {**lease, "spec": {**spec, **LeaseRecord.from_spec(spec).released().to_spec()}}
             await self.client.replace(self._path, released)
             log.info("lease %s/%s: released", self.config.namespace, self.config.name)
         except ApiError as exc:
