@@ -1,13 +1,25 @@
 """Simulated Koupleless bases: N arklets in one process, speaking the MQTT protocol exactly.
 
 Each base has its own baseID, IP and module table, subscribes to its own command topics, heartbeats,
-answers installBiz / uninstallBiz / queryAllBiz / health with the payloads arklet publishes, and
-announces itself with queryBaseline on start, as arklet does. All bases share one MQTT connection so
-a thousand of them fit in a process; on the wire each message is what a real base would send.
+answers installBiz / uninstallBiz / queryAllBiz / health / baseline with the payloads arklet
+publishes, and announces itself on every start with queryBaseline and then its first heartbeat, as
+arklet does. All bases share one MQTT connection so a thousand of them fit in a process; on the
+wire each message is what a real base would send.
 
 Install semantics follow a base configured for rolling upgrades (activate.new.module=true): a new
 version of a module becomes ACTIVATED and the old one DEACTIVATED; installing a name:version that is
-already there fails with REPEAT_BIZ; uninstalling one that is not there fails with NOT_FOUND_BIZ.
+already ACTIVATED fails at once with REPEAT_BIZ; uninstalling one that is not there fails with
+NOT_FOUND_BIZ.
+
+Real arklet's habits, each behind a flag and on by default where arklet has it:
+- `version_from_jar` (on): arklet reads the version from the jar, so a module is installed (and
+  later reported) under the version in a `<artifact>-<version>-ark-biz.jar` name when it differs
+  from the requested one; the reply echoes the request at top level and the installed biz in
+  `response.data.bizInfos[0]`. Uninstall goes by the bizName:bizVersion it is sent, as arklet's
+  does, so uninstalling such a module by its requested version answers NOT_FOUND_BIZ.
+- `late_health_metrics` (on): the first health answer after a (re)start has no `jvm` / `cpu`.
+- `goodbye` (off): arklet sends nothing when its JVM stops; with it, a graceful stop or a shutdown
+  first sends one DEACTIVATED heartbeat.
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from paho.mqtt.client import MQTTMessageInfo
 
 from koupleless import arklet
+from koupleless.model import infer_from_jar
 from provider.tunnel import BrokerOptions, MqttTunnel
 
 log = logging.getLogger(__name__)
@@ -42,6 +56,16 @@ class SimModule:
         return arklet.BizStatus(self.name, self.version, self.state, self.change_time_ms, self.reason, self.message)
 
 
+#: Lifecycle of a simulated JVM, as the snapshot shows it.
+RUNNING = "running"
+KILLED = "killed"
+STOPPED = "stopped"
+
+#: SOFAArk client codes arklet puts in a failed reply's data.code.
+REPEAT_BIZ = "REPEAT_BIZ"
+NOT_FOUND_BIZ = "NOT_FOUND_BIZ"
+
+
 @dataclass
 class SimBase:
     base_id: str
@@ -51,11 +75,25 @@ class SimBase:
     ip: str
     hostname: str
     alive: bool = True
+    lifecycle: str = RUNNING
     started_at: float = field(default_factory=time.monotonic)
+    #: Bumped whenever the JVM dies or starts again: work begun by an earlier JVM is dropped.
+    generation: int = 0
     modules: dict[str, SimModule] = field(default_factory=dict)
+    #: Installs actually performed: a module became ACTIVATED (by installBiz or a baseline).
     installs: int = 0
+    #: Every installBiz command received, whatever became of it.
+    install_commands: int = 0
+    #: installBiz commands (and baseline entries) answered REPEAT_BIZ.
+    repeats: int = 0
     uninstalls: int = 0
+    #: baseline commands answered with a batchInstallBizResponse.
+    baselines: int = 0
+    #: Health answers since this JVM started (the first one lacks jvm/cpu with late metrics).
+    health_answers: int = 0
     last_ts: int = 0
+    #: (topic, payload) of the last bizOperation published, for the replay action.
+    last_biz_operation: tuple[str, bytes] | None = None
 
     def next_ts(self) -> int:
         # Strictly increasing per base: the provider orders a base's messages by these.
@@ -70,13 +108,30 @@ class SimBase:
             "clusterName": self.cluster_name,
             "ip": self.ip,
             "alive": self.alive,
+            "lifecycle": self.lifecycle,
             "installs": self.installs,
+            "install_commands": self.install_commands,
+            "repeats": self.repeats,
             "uninstalls": self.uninstalls,
+            "baselines": self.baselines,
             "modules": [
                 {"name": m.name, "version": m.version, "url": m.url, "state": m.state, "message": m.message}
                 for m in self.modules.values()
             ],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class InstallOutcome:
+    """What one install did: the reply's code and message, and the biz as installed (None when the
+    base could not tell what the jar is)."""
+
+    code: str
+    message: str = ""
+    installed: arklet.BizModel | None = None
+    biz_state: str = ""
+    #: SOFAArk's own code for data.code (REPEAT_BIZ, ...), empty = same as `code`.
+    detail_code: str = ""
 
 
 def sim_ip(base_id: str) -> str:
@@ -104,6 +159,9 @@ class BaseSimulator:
         memory_mb: int = 4096,
         cpus: int = 4,
         seed: int | None = None,
+        version_from_jar: bool = True,
+        goodbye: bool = False,
+        late_health_metrics: bool = True,
     ) -> None:
         self.env = env
         self.install_delay = install_delay
@@ -112,6 +170,9 @@ class BaseSimulator:
         self.heartbeat_interval = heartbeat_interval
         self.memory_mb = memory_mb
         self.cpus = cpus
+        self.version_from_jar = version_from_jar
+        self.goodbye = goodbye
+        self.late_health_metrics = late_health_metrics
         self._random = random.Random(seed)
         prefix = id_prefix if id_prefix is not None else f"{name}-{version.replace('.', '-')}-"
         self.bases: dict[str, SimBase] = {}
@@ -136,45 +197,79 @@ class BaseSimulator:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # A topic under the last base's command wildcard that no controller listens to: when our own
+        # message on it comes back, the broker has processed every SUBSCRIBE sent before it.
+        last = next(reversed(self.bases)) if self.bases else "none"
+        self._probe_topic = arklet.topic(env, last, f"basesim-probe-{random.randrange(1 << 30):x}")
+        self._subscribed = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, subscribe_timeout: float = 10.0) -> None:
         await self.tunnel.start()
         await self.tunnel.connected.wait()
+        await self._await_subscriptions(subscribe_timeout)
         for base in self.bases.values():
             self._announce(base)
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeats())
 
+    async def _await_subscriptions(self, timeout: float) -> None:
+        """Like arklet, subscribe before announcing: a controller answers a new base's first
+        heartbeat with commands at once, and a command sent before the broker has our SUBSCRIBE is
+        lost (commands are not retained)."""
+        self._subscribed.clear()
+        self.tunnel.publish(self._probe_topic, b"", qos=1)
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+        except TimeoutError:
+            log.warning("base-sim: no echo on %s after %.0fs; announcing anyway (commands may be missed)",
+                        self._probe_topic, timeout)
+
     async def stop(self, graceful: bool = True) -> None:
-        """Graceful: every live base says DEACTIVATED, as arklet does when its JVM shuts down."""
+        """Stop every base. Real arklet says nothing when its JVM stops; with `goodbye` a graceful
+        stop first sends one DEACTIVATED heartbeat from every live base."""
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
         for task in list(self._tasks):
             task.cancel()
-        if graceful:
+        if graceful and self.goodbye:
             goodbyes = [self._heartbeat(b, arklet.DEACTIVATED) for b in self.bases.values() if b.alive]
             await self.tunnel.flush(goodbyes)
         await self.tunnel.stop()
 
     def kill(self, base_id: str) -> None:
         """The base's JVM died: no more heartbeats, no answers, no goodbye."""
-        self.bases[base_id].alive = False
+        self._end(self.bases[base_id], KILLED)
 
     def shutdown(self, base_id: str) -> None:
-        """The base stopped cleanly: one DEACTIVATED heartbeat, then silence."""
+        """The base stopped cleanly: silence, as arklet (with `goodbye`: one DEACTIVATED heartbeat
+        first)."""
         base = self.bases[base_id]
-        if base.alive:
+        if base.alive and self.goodbye:
             self._heartbeat(base, arklet.DEACTIVATED)
-        base.alive = False
+        self._end(base, STOPPED)
 
     def restart(self, base_id: str) -> None:
-        """A fresh JVM with the same identity: no modules, announces itself again."""
+        """A fresh JVM with the same identity: no modules, health metrics not yet registered;
+        announces itself again with queryBaseline, then a heartbeat."""
         base = self.bases[base_id]
         base.modules.clear()
         base.alive = True
+        base.lifecycle = RUNNING
+        base.generation += 1
+        base.health_answers = 0
         base.started_at = time.monotonic()
         self._announce(base)
+
+    def replay(self, base_id: str) -> bool:
+        """Publish the base's last bizOperation again, byte for byte: a duplicated or replayed
+        reply (the broker's doing, so even a dead base's). False if it never sent one."""
+        base = self.bases[base_id]
+        if base.last_biz_operation is None:
+            return False
+        topic, payload = base.last_biz_operation
+        self.tunnel.publish(topic, payload, qos=1)
+        return True
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -182,12 +277,20 @@ class BaseSimulator:
             "bases": {b.base_id: b.snapshot() for b in self.bases.values()},
         }
 
+    def _end(self, base: SimBase, lifecycle: str) -> None:
+        if base.alive:
+            base.generation += 1
+            base.lifecycle = lifecycle
+        base.alive = False
+
     # --- outgoing ---------------------------------------------------------------------------------------
 
     def _publish(self, base: SimBase, kind: str, data: Any) -> MQTTMessageInfo:
-        return self.tunnel.publish(
-            arklet.topic(self.env, base.base_id, kind), arklet.encode_envelope(data, base.next_ts()), qos=1
-        )
+        topic = arklet.topic(self.env, base.base_id, kind)
+        payload = arklet.encode_envelope(data, base.next_ts())
+        if kind == arklet.BIZ_OPERATION:
+            base.last_biz_operation = (topic, payload)
+        return self.tunnel.publish(topic, payload, qos=1)
 
     def _heartbeat(self, base: SimBase, state: str = arklet.ACTIVATED) -> MQTTMessageInfo:
         hb = arklet.Heartbeat(
@@ -200,8 +303,9 @@ class BaseSimulator:
         return self._publish(base, arklet.HEART, hb.to_wire())
 
     def _announce(self, base: SimBase) -> None:
-        self._heartbeat(base)
+        # arklet asks for its baseline first, then starts its heartbeat task.
         self._publish(base, arklet.QUERY_BASELINE, base_metadata_wire(base))
+        self._heartbeat(base)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -221,6 +325,9 @@ class BaseSimulator:
     # --- incoming ---------------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self._probe_topic:
+            self._subscribed.set()
+            return
         try:
             base_id, command = arklet.parse_topic(self.env, topic, direction="command")
         except arklet.ArkletError:
@@ -229,69 +336,159 @@ class BaseSimulator:
         if base is None or not base.alive:
             return
         if command == arklet.CMD_HEALTH:
-            run_time = time.monotonic() - base.started_at
-            self._publish(base, arklet.BASE_HEALTH, arklet.health_data(self.memory_mb, self.cpus, run_time, master_name=base.name))
+            self._answer_health(base)
         elif command == arklet.CMD_QUERY_ALL_BIZ:
             self._publish(base, arklet.SIMPLE_BIZ, [arklet.simple_biz_item(m.status()) for m in base.modules.values()])
+        elif command == arklet.CMD_BASELINE:
+            try:
+                models = parse_baseline(payload)
+            except arklet.ArkletError as exc:
+                log.warning("base %s: bad baseline: %s", base_id, exc)
+                return
+            self._spawn(self._batch_install(base, models))
         elif command in (arklet.CMD_INSTALL_BIZ, arklet.CMD_UNINSTALL_BIZ):
+            if command == arklet.CMD_INSTALL_BIZ:
+                base.install_commands += 1
             try:
                 model = arklet.parse_biz_model(payload)
             except arklet.ArkletError as exc:
                 log.warning("base %s: bad %s command: %s", base_id, command, exc)
                 return
-            task = asyncio.get_running_loop().create_task(self._operate(base, command, model))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if command == arklet.CMD_INSTALL_BIZ and self._would_repeat(base, model):
+                self._install(base, model)  # REPEAT_BIZ, at once: arklet checks before installing
+                return
+            self._spawn(self._operate(base, command, model))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _answer_health(self, base: SimBase) -> None:
+        first = base.health_answers == 0
+        base.health_answers += 1
+        run_time = time.monotonic() - base.started_at
+        data = arklet.health_data(
+            self.memory_mb, self.cpus, run_time, master_name=base.name,
+            metrics=not (self.late_health_metrics and first),
+        )
+        self._publish(base, arklet.BASE_HEALTH, data)
 
     async def _operate(self, base: SimBase, command: str, model: arklet.BizModel) -> None:
+        generation = base.generation
         if command == arklet.CMD_INSTALL_BIZ:
-            base.installs += 1
             if self.install_delay > 0:
                 await asyncio.sleep(self.install_delay)
-            if not base.alive:
-                return
-            self._install(base, model)
+            if base.alive and base.generation == generation:
+                self._install(base, model)
         else:
             base.uninstalls += 1
-            if not base.alive:
-                return
-            self._uninstall(base, model)
+            if base.alive:
+                self._uninstall(base, model)
+
+    async def _batch_install(self, base: SimBase, models: list[arklet.BizModel]) -> None:
+        """A baseline: install every module (in parallel, as arklet does, so one install delay),
+        then one batchInstallBizResponse keyed by bizUrl."""
+        generation = base.generation
+        if self.install_delay > 0 and not all(self._would_repeat(base, m) for m in models):
+            await asyncio.sleep(self.install_delay)
+        if not base.alive or base.generation != generation:
+            return
+        base.baselines += 1
+        entries = {}
+        for model in models:
+            out = self._perform_install(base, model)
+            entries[model.biz_url] = arklet.batch_install_entry(out.code, out.message, out.installed, out.biz_state)
+        self._publish(base, arklet.BATCH_INSTALL_RESPONSE, arklet.batch_install_response_data(entries, elapsed=1024))
+
+    def installed_as(self, model: arklet.BizModel) -> arklet.BizModel | None:
+        """The biz a jar installs as: the requested name, and the version from the jar's name when
+        `version_from_jar` (arklet reads it from the manifest); name and version both from the jar
+        when the request leaves them empty. None when nothing says what the jar is."""
+        inferred = infer_from_jar(model.biz_url)
+        if not model.biz_name:
+            if inferred is None:
+                return None
+            return arklet.BizModel(inferred[0], inferred[1], model.biz_url)
+        if self.version_from_jar and inferred is not None and inferred[1] != model.biz_version:
+            return arklet.BizModel(model.biz_name, inferred[1], model.biz_url)
+        return model
+
+    def _would_repeat(self, base: SimBase, model: arklet.BizModel) -> bool:
+        target = self.installed_as(model)
+        existing = base.modules.get(target.key) if target else None
+        return existing is not None and existing.state == arklet.ACTIVATED
+
+    def _perform_install(self, base: SimBase, model: arklet.BizModel) -> InstallOutcome:
+        """Install `model` on `base` now (state changes and counters), saying how it went."""
+        target = self.installed_as(model)
+        if target is None:
+            return InstallOutcome(
+                arklet.CODE_FAILED,
+                f"install biz failed: bizName and bizVersion are empty and {model.biz_url!r} is not a "
+                "<artifact>-<version>-ark-biz.jar name to read them from; send bizName and bizVersion",
+            )
+        existing = base.modules.get(target.key)
+        if existing is not None and existing.state == arklet.ACTIVATED:
+            base.repeats += 1
+            return InstallOutcome(
+                arklet.CODE_FAILED, f"{REPEAT_BIZ}: biz {target.key} has been installed", target, "",
+                detail_code=REPEAT_BIZ,
+            )
+        if target.biz_name in self.fail_biz or (self.fail_rate > 0 and self._random.random() < self.fail_rate):
+            return InstallOutcome(
+                arklet.CODE_FAILED,
+                f"install biz {target.key} failed: java.lang.IllegalStateException: "
+                f"simulated failure of {model.biz_url} on base {base.base_id}",
+                target,
+            )
+        now = arklet.now_ms()
+        for other in base.modules.values():
+            if other.name == target.biz_name and other.state == arklet.ACTIVATED:
+                other.state, other.change_time_ms, other.reason = arklet.DEACTIVATED, now, "SWITCHED"
+                other.message = f"superseded by {target.key}"
+        base.modules[target.key] = SimModule(
+            target.biz_name, target.biz_version, model.biz_url, arklet.ACTIVATED, now, "STARTED"
+        )
+        base.installs += 1
+        return InstallOutcome(arklet.CODE_SUCCESS, "", target, arklet.ACTIVATED)
 
     def _install(self, base: SimBase, model: arklet.BizModel) -> None:
-        now = arklet.now_ms()
-        cmd = arklet.CMD_INSTALL_BIZ
-        if model.key in base.modules and base.modules[model.key].state == arklet.ACTIVATED:
-            msg = f"REPEAT_BIZ: biz {model.key} has been installed"
-            self._publish(base, arklet.BIZ_OPERATION, arklet.biz_operation_data(cmd, model, arklet.CODE_FAILED, msg))
-            return
-        if model.biz_name in self.fail_biz or (self.fail_rate > 0 and self._random.random() < self.fail_rate):
-            msg = (
-                f"install biz {model.key} failed: java.lang.IllegalStateException: "
-                f"simulated failure of {model.biz_url} on base {base.base_id}"
-            )
-            self._publish(base, arklet.BIZ_OPERATION, arklet.biz_operation_data(cmd, model, arklet.CODE_FAILED, msg))
-            return
-        for other in base.modules.values():
-            if other.name == model.biz_name and other.state == arklet.ACTIVATED:
-                other.state, other.change_time_ms, other.reason = arklet.DEACTIVATED, now, "SWITCHED"
-                other.message = f"superseded by {model.key}"
-        base.modules[model.key] = SimModule(
-            model.biz_name, model.biz_version, model.biz_url, arklet.ACTIVATED, now, "STARTED"
+        out = self._perform_install(base, model)
+        data = arklet.biz_operation_data(
+            arklet.CMD_INSTALL_BIZ, model, out.code, out.message, biz_state=out.biz_state,
+            elapsed=1024 if out.code == arklet.CODE_SUCCESS else 0,
+            installed=out.installed, detail_code=out.detail_code,
         )
-        self._publish(
-            base,
-            arklet.BIZ_OPERATION,
-            arklet.biz_operation_data(cmd, model, arklet.CODE_SUCCESS, biz_state=arklet.ACTIVATED, elapsed=1024),
-        )
+        self._publish(base, arklet.BIZ_OPERATION, data)
 
     def _uninstall(self, base: SimBase, model: arklet.BizModel) -> None:
         cmd = arklet.CMD_UNINSTALL_BIZ
         if base.modules.pop(model.key, None) is None:
-            msg = f"NOT_FOUND_BIZ: biz {model.key} not found"
-            self._publish(base, arklet.BIZ_OPERATION, arklet.biz_operation_data(cmd, model, arklet.CODE_FAILED, msg))
+            msg = f"{NOT_FOUND_BIZ}: biz {model.key} not found"
+            self._publish(
+                base, arklet.BIZ_OPERATION,
+                arklet.biz_operation_data(cmd, model, arklet.CODE_FAILED, msg, detail_code=NOT_FOUND_BIZ),
+            )
             return
         self._publish(base, arklet.BIZ_OPERATION, arklet.biz_operation_data(cmd, model, arklet.CODE_SUCCESS))
 
 
 def base_metadata_wire(base: SimBase) -> dict[str, str]:
     return arklet.BaseMetadata(base.base_id, base.name, base.version, base.cluster_name).to_wire()
+
+
+def parse_baseline(payload: bytes) -> list[arklet.BizModel]:
+    """A baseline command: a JSON array of BizModel, each read as an installBiz payload is."""
+    items = arklet.decode_json(payload)
+    if not isinstance(items, list):
+        raise arklet.ArkletError(
+            "wrong_type", "payload", "a baseline must be an array", 'send [{"bizName", "bizVersion", "bizUrl"}, ...]'
+        )
+    models = []
+    for i, item in enumerate(items):
+        try:
+            models.append(arklet.parse_biz_model(orjson.dumps(item)))
+        except arklet.ArkletError as exc:
+            raise arklet.ArkletError(exc.kind, f"payload[{i}]", exc.what, exc.fix) from None
+    return models

@@ -16,12 +16,31 @@ from provider.tunnel import add_broker_arguments, broker_from_args
 log = logging.getLogger(__name__)
 
 EPILOG = """\
+Habits of real arklet bases (each one a flag, on by default where arklet has it):
+  --version-from-jar          install under the version in the jar's name (<artifact>-<version>-ark-biz.jar)
+                              when it differs from bizVersion; the reply echoes the requested bizName/bizVersion,
+                              response.data.bizInfos[0] and later simpleBiz show the installed version
+  --late-health-metrics       the first health answer after each (re)start has no jvm and cpu
+  --no-goodbye                a stopping base (SIGTERM, /shutdown) sends nothing; --goodbye sends one
+                              DEACTIVATED heartbeat first
+  always: queryBaseline then the first heartbeat on every (re)start; an installBiz of a name:version
+  that is ACTIVATED is answered at once (before --install-delay) with FAILED "REPEAT_BIZ: ..."; a
+  base/baseline command is batch-installed and answered on base/batchInstallBizResponse.
+
 Inspecting and steering the bases (--status-port, HTTP on 127.0.0.1):
-  GET  /bases                 JSON {"connected": bool, "bases": {baseID: {name, version, ip, alive,
-                              installs, uninstalls, modules: [{name, version, url, state, message}]}}}
+  GET  /bases                 JSON {"connected": bool, "bases": {baseID: {baseID, name, version, clusterName,
+                              ip, alive, lifecycle (running|killed|stopped), installs (installs performed:
+                              a module became ACTIVATED), install_commands (installBiz received), repeats
+                              (REPEAT_BIZ answers), uninstalls (uninstallBiz received), baselines (baseline
+                              commands answered), modules: [{name, version, url, state, message}]}}}
   POST /bases/<id>/kill       the base's JVM dies: no heartbeat, no answers, no goodbye
-  POST /bases/<id>/shutdown   the base stops cleanly: one DEACTIVATED heartbeat, then silence
-  POST /bases/<id>/restart    a fresh JVM with the same identity and no modules
+  POST /bases/<id>/shutdown   the base stops cleanly: silence like kill (with --goodbye: one DEACTIVATED
+                              heartbeat first), lifecycle "stopped"
+  POST /bases/<id>/restart    a fresh JVM with the same identity: no modules, health metrics late again;
+                              announces with queryBaseline, then a heartbeat
+  POST /bases/<id>/replay     republish the base's last bizOperation byte for byte (a duplicated or
+                              replayed reply); 409 if it has sent none
+Each action answers with the base's entry from /bases.
 Base IDs are <id-prefix><n>, n = 0..count-1 (default prefix <name>-<version with dots as dashes>-).
 """
 
@@ -46,6 +65,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", type=int, default=4, help="CPU count each base reports")
     parser.add_argument("--status-port", type=int, default=0, help="HTTP port on 127.0.0.1 for /bases (0: off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for --fail-rate")
+    parser.add_argument(
+        "--version-from-jar", action=argparse.BooleanOptionalAction, default=True,
+        help="install under the version in the jar's name when it differs from bizVersion, as arklet (default on)",
+    )
+    parser.add_argument(
+        "--goodbye", action=argparse.BooleanOptionalAction, default=False,
+        help="send one DEACTIVATED heartbeat when a base stops or shuts down; arklet sends none (default off)",
+    )
+    parser.add_argument(
+        "--late-health-metrics", action=argparse.BooleanOptionalAction, default=True,
+        help="leave jvm and cpu out of the first health answer after each start, as arklet (default on)",
+    )
     runtime.add_logging_arguments(parser)
 
 
@@ -61,9 +92,18 @@ def make_app(sim: BaseSimulator) -> web.Application:
         if base_id not in sim.bases:
             return web.json_response({"error": f"no base {base_id!r}; GET /bases lists them"}, status=404)
         handlers = {"kill": sim.kill, "shutdown": sim.shutdown, "restart": sim.restart}
-        if action not in handlers:
-            return web.json_response({"error": f"unknown action {action!r}; use kill, shutdown or restart"}, status=404)
-        handlers[action](base_id)
+        if action == "replay":
+            if not sim.replay(base_id):
+                return web.json_response(
+                    {"error": f"base {base_id!r} has sent no bizOperation yet; install or uninstall something first"},
+                    status=409,
+                )
+        elif action in handlers:
+            handlers[action](base_id)
+        else:
+            return web.json_response(
+                {"error": f"unknown action {action!r}; use kill, shutdown, restart or replay"}, status=404
+            )
         return web.json_response(sim.bases[base_id].snapshot())
 
     app.router.add_get("/bases", bases)
@@ -102,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
             memory_mb=args.memory_mb,
             cpus=args.cpus,
             seed=args.seed,
+            version_from_jar=args.version_from_jar,
+            goodbye=args.goodbye,
+            late_health_metrics=args.late_health_metrics,
         )
         runner = None
         if args.status_port:
