@@ -234,14 +234,35 @@ class BizOperation:
     message: str = ""
     #: The state the base reports for the biz after the operation, when it says.
     biz_state: str = ""
+    #: What the base says it installed (response.data.bizInfos[0]): arklet echoes the requested
+    #: bizName/bizVersion at the top, but installs under the version inside the jar.
+    installed_name: str = ""
+    installed_version: str = ""
 
     @property
     def key(self) -> str:
         return biz_key(self.biz_name, self.biz_version)
 
     @property
+    def installed_key(self) -> str:
+        """The biz key the base really holds after a successful install."""
+        if not self.installed_name:
+            return self.key
+        return biz_key(self.installed_name, self.installed_version or self.biz_version)
+
+    @property
     def success(self) -> bool:
         return self.code == CODE_SUCCESS
+
+    @property
+    def repeat(self) -> bool:
+        """arklet's answer to installing a name:version it already has: FAILED, REPEAT_BIZ."""
+        return not self.success and "REPEAT_BIZ" in self.message.upper()
+
+    @property
+    def not_found(self) -> bool:
+        """arklet's answer to uninstalling what it does not have: FAILED, NOT_FOUND_BIZ."""
+        return not self.success and "NOT_FOUND" in self.message.upper()
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +408,7 @@ def parse_biz_operation(data: Any) -> BizOperation:
     response = _obj(obj.get("response"), "data.response", "an arklet Output {code, message, data}")
     code = _str(response, "code", "data.response", required=True).upper()
     message = _str(response, "message", "data.response")
-    state = ""
+    state = installed_name = installed_version = ""
     inner = response.get("data")
     if isinstance(inner, dict):
         # The base's own explanation (a stack trace on exceptions) is in data.message.
@@ -396,8 +417,12 @@ def parse_biz_operation(data: Any) -> BizOperation:
             message = detail if message in ("", code, detail) else f"{message}: {detail}"
         infos = inner.get("bizInfos")
         if isinstance(infos, list) and infos and isinstance(infos[0], dict):
-            biz_state = infos[0].get("bizState")
+            info = infos[0]
+            biz_state = info.get("bizState")
             state = biz_state.upper() if isinstance(biz_state, str) else ""
+            name, version = info.get("bizName"), info.get("bizVersion")
+            installed_name = name if isinstance(name, str) else ""
+            installed_version = version if isinstance(version, str) else ""
     elif inner is not None:
         raise ArkletError("wrong_type", "data.response.data", f"expected an object, got {_type(inner)}", "send {}")
     return BizOperation(
@@ -407,6 +432,8 @@ def parse_biz_operation(data: Any) -> BizOperation:
         code=code,
         message=message,
         biz_state=state,
+        installed_name=installed_name,
+        installed_version=installed_version,
     )
 
 

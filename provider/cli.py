@@ -47,10 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("modules")
     g.add_argument("--resync-interval", type=float, default=30.0, metavar="S", help="queryAllBiz every base this often (default 30)")
     g.add_argument("--health-interval", type=float, default=30.0, metavar="S", help="ask every base for health this often (default 30)")
-    g.add_argument("--install-timeout", type=float, default=120.0, metavar="S", help="give up on an unanswered command after (default 120)")
+    g.add_argument("--install-timeout", type=float, default=120.0, metavar="S", help="an install unanswered this long is tried again, with back-off from 10 s to 5 min as kubelet restarts "
+        "a container; the base's module list can settle it sooner (default 120)")
     g.add_argument(
         "--orphan-policy", choices=["report", "uninstall"], default="report",
-        help="modules on a base with no Pod: report them (Event, metric, log), or also uninstall them",
+        help="modules installed outside Kubernetes (no Pod asks for them, and this controller did not install "
+        "them): report them (Event, metric, log), or also uninstall them. Modules this controller installed for a "
+        "Pod that is gone are always uninstalled",
     )
     parser.add_argument("--workers", type=int, default=16, help="concurrent Pod and Node syncs (default 16)")
     parser.add_argument(
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         runner = None
         if args.http_port:
             app = web.Application()
-            add_health_routes(app, ready=provider.ready)
+            add_health_routes(app, ready=provider.ready, problems=provider.problems)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, args.http_host, args.http_port).start()

@@ -34,6 +34,15 @@ def container_state(
     pend = rec.pending.get(name)
     biz = base.bizs.get(inst.biz_key) if (inst and base) else None
     base_id = base.base_id if base else "?"
+    mismatch = rec.mismatch.get(name)
+    if mismatch is not None and pend is None:
+        wanted, got = mismatch
+        got_version = got.partition(":")[2]
+        return _waiting(
+            "VersionMismatch",
+            f"base {base_id} installed {got} from {desired.biz_url} (the version inside the jar), but the Pod asks "
+            f"for {wanted}: set BIZ_VERSION to {got_version}, or point the image at the jar of {wanted}",
+        ), False, inst
     if pend is not None and pend.command == arklet.CMD_UNINSTALL_BIZ:
         reason = "Uninstalling" if deleting or pend.module == desired or inst is None else "Replacing"
         msg = f"uninstallBiz {pend.module.biz_key} sent to base {base_id}"
@@ -53,8 +62,10 @@ def container_state(
     if pend is not None:
         return _waiting("Installing", f"installBiz {pend.module.biz_key} sent to base {base_id}"), False, pend.module
     fail = rec.failed.get(name)
-    if fail is not None and fail[0] == desired.biz_key:
-        return _waiting("InstallFailed", fail[1]), False, desired
+    if fail is not None and fail.biz_key == desired.biz_key:
+        tries = "1 try" if fail.attempts == 1 else f"{fail.attempts} tries"
+        return _waiting("InstallFailed", f"{fail.message} ({tries}; trying again {fail.backoff:.0f}s after the last)"), \
+            False, desired
     if inst is not None:
         if base is not None and base.inventory_known:
             return _waiting("ModuleMissing", f"base {base_id} no longer has {inst.biz_key}; reinstalling"), False, inst
@@ -101,6 +112,8 @@ def compute_status(
     if not statuses:
         all_ready = False
     phase = "Running" if (all_ready or any_started) else "Pending"
+    if old.get("phase") == "Running":
+        phase = "Running"  # a Pod phase never goes back (a module being reinstalled is not Ready)
     ip = base.ip if base else ""
     status: dict[str, Any] = {
         "phase": phase,
@@ -110,6 +123,23 @@ def compute_status(
     }
     if ip:
         status.update(hostIP=ip, hostIPs=[{"ip": ip}], podIP=ip, podIPs=[{"ip": ip}])
+    return status
+
+
+def rejected_status(pod: dict[str, Any], reason: str, message: str, ip: str, now: str | None = None) -> dict[str, Any]:
+    """A Pod this base will not run, failed as kubelet fails a Pod it does not admit: its controller
+    replaces it and the scheduler places the replacement elsewhere."""
+    now = now or iso()
+    old = pod.get("status") or {}
+    status: dict[str, Any] = {
+        "phase": "Failed",
+        "reason": reason,
+        "message": message,
+        "conditions": _conditions(old, False, now),
+        "startTime": old.get("startTime") or now,
+    }
+    if ip:
+        status.update(hostIP=ip, hostIPs=[{"ip": ip}])
     return status
 
 
@@ -141,7 +171,7 @@ def _pruned(value: Any) -> Any:
 
 def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether writing `new` would change what a user sees (times of unchanged conditions aside)."""
-    for key in ("phase", "containerStatuses", "startTime", "podIP", "hostIP"):
+    for key in ("phase", "reason", "message", "containerStatuses", "startTime", "podIP", "hostIP"):
         if _pruned(old.get(key)) != _pruned(new.get(key)):
             return True
     before = {c.get("type"): c.get("status") for c in old.get("conditions") or [] if isinstance(c, dict)}

@@ -32,6 +32,8 @@ class BaseState:
     last_heard: float = field(default_factory=time.monotonic)
     #: The base's own timestamp of the newest message per topic kind: older ones are replays.
     last_ts: dict[str, int] = field(default_factory=dict)
+    #: Since when (monotonic) every heartbeat has been older than the newest seen; None if in order.
+    stale_since: float | None = None
     #: Newest (timestamp, command) that decided each biz key's state.
     biz_ts: dict[str, tuple[int, str]] = field(default_factory=dict)
     bizs: dict[str, BizRecord] = field(default_factory=dict)
@@ -47,8 +49,21 @@ class BaseState:
     lease_rv: str = ""
     node_uid: str = ""
     orphans_reported: set[str] = field(default_factory=set)
-    #: (command, biz key) -> Pod key waiting for that reply.
+    #: (command, biz key) -> Pod key waiting for that reply ("" when no Pod waits: a leftover).
     pending: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: Biz keys this controller installed (or adopted) for a Pod: when no Pod wants one any more it
+    #: is uninstalled, whatever --orphan-policy says (that governs modules installed outside).
+    managed: set[str] = field(default_factory=set)
+    #: Heard from since this provider's MQTT connection last came up: commands published before
+    #: that may have reached a broker that had not yet seen the base's subscription.
+    heard_since_connect: bool = True
+    #: Health asks left while the base's report lacks its JVM or CPU figures (arklet registers them
+    #: only after its tunnel connects).
+    health_retries: int = 0
+    #: When this replica last wrote the base's Lease (monotonic; 0: never).
+    lease_renewed_at: float = 0.0
+    #: Silent past --gone-after: the Node reconciler deletes its Node and Lease.
+    gone: bool = False
 
     @property
     def ip(self) -> str:
@@ -59,7 +74,23 @@ class BaseState:
 class PendingOp:
     command: str
     module: Module
-    sent_at: float
+    #: Monotonic time of the publish that the timeout counts from; None while it waits for the
+    #: tunnel (a command queued during an outage has not been sent yet).
+    sent_at: float | None
+    #: The MQTT connection it went out on (MqttTunnel.connect_count).
+    connection: int = 0
+
+
+@dataclass
+class Failure:
+    """An install that did not work, retried with kubelet's CrashLoopBackOff timing."""
+
+    biz_key: str
+    message: str
+    attempts: int = 1
+    #: Monotonic time of the next try, and how long after the failure that is.
+    retry_at: float = 0.0
+    backoff: float = 0.0
 
 
 @dataclass
@@ -69,12 +100,16 @@ class PodRecord:
     installed: dict[str, Module] = field(default_factory=dict)
     #: container name -> command in flight.
     pending: dict[str, PendingOp] = field(default_factory=dict)
-    #: container name -> (biz key that failed, the base's message).
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: container name -> the last failed install of it, and when it is tried again.
+    failed: dict[str, Failure] = field(default_factory=dict)
+    #: container name -> (biz key the Pod asks for, biz key the base installed instead).
+    mismatch: dict[str, tuple[str, str]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     #: container name -> epoch seconds the module was last seen ACTIVATED after an install.
     started: dict[str, str] = field(default_factory=dict)
     start_time: str = ""
+    #: The base accepted the Pod (kubelet admission): decided once, at first sight.
+    admitted: bool = False
     events_sent: set[str] = field(default_factory=set)
     node_name: str = ""
     #: The status this provider last wrote, so a stale cache does not cause the same write twice.
@@ -102,6 +137,8 @@ class PodRecord:
                 running = (cs.get("state") or {}).get("running") or {}
                 if running.get("startedAt"):
                     rec.started[name] = running["startedAt"]
+        # Something was installed for it, or it ran: a provider before this one admitted it.
+        rec.admitted = bool(rec.installed) or status.get("phase") == "Running"
         return rec
 
 

@@ -77,6 +77,9 @@ class MqttTunnel:
         persistent_session: bool = True,
         session_expiry_s: int = 3600,
         name: str = "provider",
+        outbox_limit: int = 0,
+        on_connection: Callable[[bool], None] | None = None,
+        max_reconnect_delay: int = 2,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
@@ -85,6 +88,7 @@ class MqttTunnel:
         self._on_message = on_message
         self._persistent = persistent_session
         self._session_expiry = session_expiry_s
+        self._on_connection = on_connection
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = asyncio.Event()
         self.connect_count = 0
@@ -100,8 +104,11 @@ class MqttTunnel:
         paho_log.addFilter(lambda record: not (self._stopping and "not connected" in record.getMessage()))
         c.enable_logger(paho_log)
         c.max_inflight_messages_set(1000)
-        c.max_queued_messages_set(0)
-        c.reconnect_delay_set(min_delay=1, max_delay=15)
+        # Bounded: during an outage commands wait here, and whoever sent them sends them again if
+        # they are still wanted once the broker is back (0: unbounded, for the simulator).
+        c.max_queued_messages_set(outbox_limit)
+        # A local broker that restarts is back in about a second: a long backoff only adds silence.
+        c.reconnect_delay_set(min_delay=1, max_delay=max(1, max_reconnect_delay))
         if broker.username is not None:
             c.username_pw_set(broker.username, broker.password)
         if broker.tls or broker.ca_file or broker.cert_file:
@@ -154,10 +161,16 @@ class MqttTunnel:
             self._client.unsubscribe(topic)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
-        """Queue a message; paho sends it now or after the next connect. Thread-safe, never blocks."""
+        """Queue a message; paho sends it now or after the next connect. Thread-safe, never blocks.
+        `info.rc` is MQTT_ERR_QUEUE_SIZE when the outbox is full and the message was dropped."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        MQTT_PUBLISHED.labels(self.name).inc()
+        if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
+            MQTT_PUBLISHED.labels(self.name).inc()
         return info
+
+    def send(self, topic: str, payload: bytes, *, qos: int = 1) -> bool:
+        """`publish`, answering whether the message was sent or queued (False: outbox full)."""
+        return self.publish(topic, payload, qos=qos).rc != mqtt.MQTT_ERR_QUEUE_SIZE
 
     async def flush(self, infos: list[mqtt.MQTTMessageInfo], wait_s: float = 2.0) -> None:
         """Wait (off the loop) until these messages reached the broker, or `wait_s`."""
@@ -214,11 +227,15 @@ class MqttTunnel:
         self._to_loop(self._on_message, msg.topic, msg.payload)
 
     def _set_connected(self, up: bool) -> None:
+        if up == self.connected.is_set():
+            return
         if up:
             self.connect_count += 1
             self.connected.set()
         else:
             self.connected.clear()
+        if self._on_connection is not None:
+            self._on_connection(up)
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop

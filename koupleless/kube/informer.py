@@ -149,8 +149,12 @@ class Informer:
         field_selector: str | None = None,
         indexers: dict[str, IndexFunc] | None = None,
         name: str = "",
+        keep: Callable[[Obj], bool] | None = None,
     ) -> None:
         self.client = client
+        #: Objects it rejects are not stored (and look deleted if they were): for a watch whose
+        #: server-side selectors cannot say all that matters, the store stays small all the same.
+        self.keep = keep
         self.path = path
         self.label_selector = label_selector
         self.field_selector = field_selector
@@ -240,8 +244,10 @@ class Informer:
         """Make the store equal to a fresh list: adds for new keys, updates for changed
         resourceVersions, synthetic deletes (last known state) for keys that vanished."""
         fresh: dict[str, Obj] = {}
+        keep = self.keep
         for obj in items:
-            fresh[object_key(obj)] = obj
+            if keep is None or keep(obj):
+                fresh[object_key(obj)] = obj
         for key in self.store.keys():
             if key not in fresh:
                 old = self.store.remove(key)
@@ -270,7 +276,12 @@ class Informer:
             if rv:
                 self.resource_version = rv
             return
-        if kind in ("ADDED", "MODIFIED"):
+        if self.keep is not None and object_key(obj) not in self.store and (kind == "DELETED" or not self.keep(obj)):
+            pass  # never kept: nothing to tell
+        elif kind in ("ADDED", "MODIFIED") and self.keep is not None and not self.keep(obj):
+            self.store.remove(object_key(obj))
+            self._emit_delete(obj)
+        elif kind in ("ADDED", "MODIFIED"):
             old = self.store.put(obj)
             if old is None:
                 self._emit_add(obj)

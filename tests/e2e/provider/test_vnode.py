@@ -103,7 +103,7 @@ def test_status_command_lists_bases_and_modules(system: System, namespace: str) 
 def test_deactivated_base_is_not_ready_at_once_and_long_gone_node_is_deleted(system: System) -> None:
     # heartbeats every 1 s, 3 missed before NotReady: a DEACTIVATED heartbeat must not wait for that
     system.start_provider("--missed-heartbeats", "30", "--gone-after", "8")
-    sim = system.start_sim(count=2)
+    sim = system.start_sim("--goodbye", count=2)  # arklet sends no goodbye; this base does
     system.wait_nodes_ready(2)
     leaving = sorted(sim.bases())[0]
     name = keys.vnode_name(leaving)

@@ -144,7 +144,9 @@ def names_sent(doc: Any) -> list[str] | None:
         return folded["nodenames"]
     nodes_ = folded.get("nodes")
     if isinstance(nodes_, dict):
-        return [n["metadata"]["name"] for n in nodes_.get("items") or []]
+        # A non-finite number is sent as JSON null (orjson), which Go reads as no items.
+        items = nodes_.get("items")
+        return [n["metadata"]["name"] for n in items] if isinstance(items, list) else []
     return None
 
 

@@ -1,18 +1,17 @@
-"""Base Leases across replicas: renewals spread over the interval, a standby waits for the holder's
+"""Base Leases across replicas: renewals are jobs of the Node queue, a standby waits for the holder's
 Lease to expire and then takes it over (against a fake API, in memory)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from typing import Any
 
 from koupleless.kube.client import ApiError
 from provider import vnode
 from provider.controller import Provider, ProviderOptions
+from provider.nodes import NodeReconciler
 from provider.state import BaseState
 from provider.tunnel import BrokerOptions
-from tests.helpers import async_wait_until
 
 
 class FakeLeases:
@@ -51,9 +50,10 @@ class FakeLeases:
         return body
 
 
-def standby(kube: Any, duration_s: int = 8) -> Provider:
-    opts = ProviderOptions(env="dev", identity="me", node=vnode.NodeOptions(env="dev", lease_duration_s=duration_s))
-    return Provider(kube, BrokerOptions("127.0.0.1", 1), opts)
+def standby(kube: Any, duration_s: int = 8, identity: str = "me") -> NodeReconciler:
+    opts = ProviderOptions(env="dev", identity=identity,
+                           node=vnode.NodeOptions(env="dev", lease_duration_s=duration_s))
+    return Provider(kube, BrokerOptions("127.0.0.1", 1), opts).node_reconciler
 
 
 async def test_standby_waits_for_the_holders_lease_to_expire() -> None:
@@ -77,41 +77,33 @@ async def test_standby_takes_over_an_expired_lease_once() -> None:
     assert base.owned and spec["holderIdentity"] == "me"
     assert spec["leaseTransitions"] == 4 and spec["leaseDurationSeconds"] == 8
     # A second replica that read the expired Lease before our write loses the race, and says so.
-    rival = standby(kube)
-    rival.opts = ProviderOptions(env="dev", identity="rival", node=p.opts.node)
+    rival = standby(kube, identity="rival")
     kube.stale = {"metadata": {"name": "virtual-node-b1", "resourceVersion": "101"}, "spec": {}}
     other_base = BaseState(base_id="b1", node_name="virtual-node-b1")
     assert await rival._acquire_lease(other_base) is not None
     assert not other_base.owned
 
 
-async def test_renewals_are_spread_over_the_interval_once_each() -> None:
-    interval = 0.4
-    p = Provider(object(), BrokerOptions("127.0.0.1", 1),  # type: ignore[arg-type]
-                 ProviderOptions(env="dev", lease_renew_interval=interval))
-    loop = asyncio.get_running_loop()
-    renewed: list[tuple[float, str]] = []
-    for i in range(40):
-        b = BaseState(base_id=f"b{i}", node_name=f"virtual-node-b{i}")
-        b.owned = True
-        p.bases[b.base_id] = b
+async def test_renewal_is_a_queued_job_due_every_interval_with_jitter() -> None:
+    kube = FakeLeases()
+    kube.put_held("virtual-node-b1", "me", renewed_ago_s=1, duration_s=40)
+    opts = ProviderOptions(env="dev", identity="me", lease_renew_interval=10.0)
+    provider = Provider(kube, BrokerOptions("127.0.0.1", 1), opts)  # type: ignore[arg-type]
+    nodes = provider.node_reconciler
+    base = BaseState(base_id="b1", node_name="virtual-node-b1")
+    provider.registry.add(base)
+    assert await nodes._acquire_lease(base) is None
+    renewed_rv = kube.leases["virtual-node-b1"]["metadata"]["resourceVersion"]
+    nodes.nodes.get = lambda name: {"metadata": {"name": name}, "spec": {}, "status": {}}  # type: ignore[method-assign]
 
-    async def renew(b: BaseState) -> None:
-        renewed.append((loop.time(), b.base_id))
+    async def patch(*_a: Any, **_k: Any) -> dict[str, Any]:
+        return {}
 
-    p._renew_lease = renew  # type: ignore[method-assign,assignment]
-    task = loop.create_task(p._lease_loop())
-    try:
-        await async_wait_until(lambda: _ret_bool(len(renewed) >= 80), 30, 0.05, what="two renewal rounds")
-    finally:
-        task.cancel()
-    first_round = renewed[:40]
-    assert sorted(base_id for _, base_id in first_round) == sorted(p.bases)
-    # Not one burst: the first round's renewals cover most of the interval, one base at a time.
-    span = first_round[-1][0] - first_round[0][0]
-    assert span >= interval * 0.8 * 39 / 40 * 0.99
-    assert len({t for t, _ in first_round}) == 40
-
-
-async def _ret_bool(value: bool) -> bool:
-    return value
+    kube.patch = patch  # type: ignore[attr-defined]
+    delays = [await nodes.sync("virtual-node-b1") for _ in range(3)]
+    # just renewed: no write now, and the next sync is due when the next renewal is
+    assert kube.leases["virtual-node-b1"]["metadata"]["resourceVersion"] == renewed_rv
+    assert all(d is not None and 7.5 <= d <= 10.0 for d in delays)
+    base.lease_renewed_at -= 9
+    await nodes.sync("virtual-node-b1")
+    assert kube.leases["virtual-node-b1"]["metadata"]["resourceVersion"] != renewed_rv

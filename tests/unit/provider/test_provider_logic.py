@@ -6,15 +6,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-import pytest
-
 from koupleless import arklet, keys
 from koupleless.model import Module
 from provider import vnode
-from provider.controller import Provider, ProviderOptions
 from provider.podstatus import compute_status, status_changed
-from provider.state import BaseState, BizRecord, PendingOp, PodRecord
-from provider.tunnel import BrokerOptions
+from provider.state import BaseState, BizRecord, Failure, PendingOp, PodRecord
+from tests.unit.provider.rig import Rig
 
 URL = "https://h/biz1-0.0.1-ark-biz.jar"
 
@@ -58,11 +55,12 @@ def test_activated_module_makes_a_ready_running_pod_with_the_base_ip() -> None:
 
 
 def test_failed_install_keeps_the_pod_pending_with_the_base_message() -> None:
-    rec = PodRecord(uid="u1", failed={"biz1": ("biz1:0.0.1", "disk full on base b1")})
+    rec = PodRecord(uid="u1", failed={"biz1": Failure("biz1:0.0.1", "disk full on base b1", 2, 0.0, 20.0)})
     status = compute_status(pod(), rec, base(), node_ready=True)
     assert status["phase"] == "Pending"
     [cs] = status["containerStatuses"]
-    assert cs["state"] == {"waiting": {"reason": "InstallFailed", "message": "disk full on base b1"}}
+    assert cs["state"] == {"waiting": {"reason": "InstallFailed",
+                                       "message": "disk full on base b1 (2 tries; trying again 20s after the last)"}}
     assert not cs["ready"] and "containerID" not in cs
 
 
@@ -100,14 +98,6 @@ def test_lease_expiry() -> None:
     assert vnode.lease_expired({"spec": {}}, now)
 
 
-@pytest.fixture
-def provider() -> Provider:
-    p = Provider(object(), BrokerOptions("127.0.0.1", 1), ProviderOptions(env="dev"))  # type: ignore[arg-type]
-    p.pod_queue.add = lambda key: None  # type: ignore[method-assign]
-    p.node_queue.add = lambda key: None  # type: ignore[method-assign]
-    return p
-
-
 def heart(ts: int, state: str = "activated", ip: str = "10.0.0.1") -> bytes:
     data = {"baseMetadata": {"identity": "b1", "name": "base", "version": "1", "clusterName": "c"},
             "localIP": ip, "localHostName": "h", "port": 0, "state": state}
@@ -119,37 +109,103 @@ def op(ts: int, command: str, code: str = "SUCCESS") -> bytes:
     return arklet.encode_envelope(arklet.biz_operation_data(command, model, code, biz_state="ACTIVATED"), ts)
 
 
-def test_messages_are_ordered_by_the_base_clock(provider: Provider) -> None:
-    t = "koupleless_dev/b1/base/"
-    provider.on_mqtt(t + "heart", heart(1000))
-    b = provider.bases["b1"]
+T = "koupleless_dev/b1/base/"
+
+
+def test_messages_are_ordered_by_the_base_clock() -> None:
+    registry = Rig().registry
+    registry.handle(T + "heart", heart(1000))
+    b = registry.bases["b1"]
     assert b.ready and b.ip == "10.0.0.1"
-    provider.on_mqtt(t + "heart", heart(900, state="deactivated", ip="10.9.9.9"))  # older: ignored
+    registry.handle(T + "heart", heart(900, state="deactivated", ip="10.9.9.9"))  # older: ignored
     assert b.ready and b.ip == "10.0.0.1"
-    provider.on_mqtt(t + "heart", heart(1000, state="deactivated"))  # replay: ignored
+    registry.handle(T + "heart", heart(1000, state="deactivated"))  # replay: ignored
     assert b.ready
 
     # an uninstall reply overtaken by an older install reply: the older one changes nothing
-    provider.on_mqtt(t + "bizOperation", op(2000, "uninstallBiz"))
-    provider.on_mqtt(t + "bizOperation", op(1500, "installBiz"))
+    b.pending[("uninstallBiz", "biz1:0.0.1")] = "ns/p"
+    registry.handle(T + "bizOperation", op(2000, "uninstallBiz"))
+    registry.handle(T + "bizOperation", op(1500, "installBiz"))
     assert "biz1:0.0.1" not in b.bizs
-    provider.on_mqtt(t + "bizOperation", op(2500, "installBiz"))
+    registry.handle(T + "bizOperation", op(2500, "installBiz"))
     assert b.bizs["biz1:0.0.1"].state == arklet.ACTIVATED
     # a module list taken before that install does not erase it
-    provider.on_mqtt(t + "simpleBiz", arklet.encode_envelope([], 2400))
+    registry.handle(T + "simpleBiz", arklet.encode_envelope([], 2400))
     assert "biz1:0.0.1" in b.bizs and b.inventory_known
-    provider.on_mqtt(t + "simpleBiz", arklet.encode_envelope([], 2600))
+    registry.handle(T + "simpleBiz", arklet.encode_envelope([], 2600))
     assert "biz1:0.0.1" not in b.bizs
 
-    provider.on_mqtt(t + "heart", heart(3000, state="deactivated"))
+    registry.handle(T + "heart", heart(3000, state="deactivated"))
     assert not b.ready and b.not_ready_reason == "BaseDeactivated"
 
 
-def test_restarted_base_is_asked_again(provider: Provider) -> None:
-    t = "koupleless_dev/b1/base/"
-    provider.on_mqtt(t + "heart", heart(1000))
-    b = provider.bases["b1"]
-    provider.on_mqtt(t + "simpleBiz", arklet.encode_envelope([], 1100))
+def test_restarted_base_is_asked_again() -> None:
+    registry = Rig().registry
+    registry.handle(T + "heart", heart(1000))
+    b = registry.bases["b1"]
+    registry.handle(T + "simpleBiz", arklet.encode_envelope([], 1100))
     assert b.inventory_known
-    provider.on_mqtt(t + "queryBaseline", arklet.encode_envelope(b.heartbeat.metadata.to_wire(), 1200))  # type: ignore[union-attr]
+    registry.handle(T + "queryBaseline", arklet.encode_envelope(b.heartbeat.metadata.to_wire(), 1200))  # type: ignore[union-attr]
     assert not b.inventory_known
+    # its clock may have started again: older timestamps than before the restart are its new ones
+    registry.handle(T + "heart", heart(500, state="deactivated"))
+    assert not b.ready
+
+
+def test_a_message_from_the_future_is_refused_and_poisons_nothing() -> None:
+    registry = Rig().registry
+    now = arklet.now_ms()
+    registry.handle(T + "heart", heart(now))
+    b = registry.bases["b1"]
+    registry.handle(T + "heart", heart(now + 3_600_000, state="deactivated"))  # an hour ahead
+    assert b.ready
+    registry.handle(T + "heart", heart(now + 1, state="deactivated"))  # the real next one still counts
+    assert not b.ready
+
+
+def test_a_base_clock_stepping_back_starts_a_new_order() -> None:
+    rig = Rig(heartbeat_interval=1)
+    registry = rig.registry
+    now = arklet.now_ms()
+    registry.handle(T + "heart", heart(now))
+    b = registry.bases["b1"]
+    registry.handle(T + "heart", heart(1, state="deactivated"))  # a replay: ignored
+    assert b.ready
+    # NTP stepped its clock back 10 minutes: every heartbeat from now on is "old"
+    registry.handle(T + "heart", heart(now - 600_000))
+    assert b.stale_since is not None
+    b.stale_since -= 3.5  # three and a half heartbeat intervals of nothing else
+    registry.handle(T + "heart", heart(now - 590_000, state="deactivated"))
+    assert not b.ready and b.stale_since is None
+
+
+def test_no_base_is_judged_while_the_provider_cannot_hear_the_broker() -> None:
+    rig = Rig(heartbeat_interval=1, missed_heartbeats=3)
+    rig.heartbeat()
+    b = rig.base()
+    b.last_heard -= 60  # silent for a minute: we were cut off ourselves
+    rig.registry.connection_changed(False)
+    assert rig.registry.judge() == [] and b.ready
+    rig.registry.connection_changed(True)
+    assert rig.registry.judge() == [] and b.ready  # the bases' first heartbeats are on their way
+    rig.registry.hearing_since = (rig.registry.hearing_since or 0) - 1.5
+    rig.registry.judge()
+    assert b.ready  # judged from the reconnect on: 1.5 s of silence is not 3 missed heartbeats
+    rig.registry.hearing_since = (rig.registry.hearing_since or 0) - 3
+    rig.registry.judge()
+    assert not b.ready and b.not_ready_reason == "BaseHeartbeatMissed"
+
+
+def test_health_without_jvm_figures_asks_again_and_keeps_what_was_known() -> None:
+    rig = Rig()
+    rig.online()
+    asked: list[str] = []
+    rig.provider.health_incomplete = lambda base: asked.append(base.base_id)  # type: ignore[method-assign]
+    full = arklet.health_data(2048, 8, 5.0)
+    rig.say("b1", arklet.BASE_HEALTH, full)
+    partial = arklet.health_data(2048, 8, 6.0)
+    del partial["data"]["healthData"]["jvm"], partial["data"]["healthData"]["cpu"]
+    rig.say("b1", arklet.BASE_HEALTH, partial)
+    health = rig.base().health
+    assert asked == ["b1"] and health is not None
+    assert (health.memory_bytes, health.cpu_count) == (2048 * 1024 * 1024, 8)

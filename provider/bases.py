@@ -1,0 +1,329 @@
+"""What the bases say, as observed state: MQTT in, `BaseState` out. Knows nothing of Kubernetes.
+
+Every message a base publishes is network input that may be lost, late, duplicated, reordered or
+forged. The registry orders each base's messages by the base's own timestamps, with bounds: a
+message dated ahead of our clock is refused (one such heartbeat would otherwise make every real
+one "stale" until the clock catches up), and a base whose clock steps back by more than a minute
+starts a new order instead of being ignored. Liveness is judged only over time this provider could
+hear: while its own connection to the broker is down, silence says nothing about the bases.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from prometheus_client import Counter
+
+from koupleless import arklet, keys
+from provider.state import BaseState, BizRecord
+
+log = logging.getLogger(__name__)
+
+MQTT_REJECTED = Counter(
+    "koupleless_provider_mqtt_rejected_total",
+    "Base messages not acted on, by reason (not_json, wrong_type, too_large, unknown_topic, identity_mismatch, "
+    "stale, future, unknown_base, failed_reply, node_name_collision)",
+    ["reason"],
+)
+MQTT_HANDLED = Counter("koupleless_provider_mqtt_handled_total", "Base messages acted on", ["kind"])
+INSTALL_RESULTS = Counter("koupleless_provider_install_results_total", "installBiz replies", ["result"])
+
+#: A message dated further ahead of this provider's clock is refused: clocks of a cluster agree to
+#: well under this, and one accepted far-future timestamp would make every later message "stale".
+MAX_FUTURE_SKEW_MS = 10_000
+#: Heartbeat intervals of nothing but old-dated heartbeats from a base after which its clock is
+#: taken to have stepped back (a replay is a message or two; a clock is every message from then on).
+CLOCK_STEP_HEARTBEATS = 3
+
+
+class BaseListener(Protocol):
+    """What the registry tells the rest of the provider. Called on the event loop, never blocks."""
+
+    def base_discovered(self, base: BaseState) -> None: ...
+
+    def node_changed(self, base: BaseState) -> None: ...
+
+    def modules_changed(self, base: BaseState) -> None: ...
+
+    def inventory_received(self, base: BaseState) -> None: ...
+
+    def operation_replied(self, base: BaseState, op: arklet.BizOperation) -> None: ...
+
+    def base_heard_again(self, base: BaseState) -> None: ...
+
+    def health_incomplete(self, base: BaseState) -> None: ...
+
+
+class BaseRegistry:
+    def __init__(self, env: str, listener: BaseListener, *, heartbeat_interval: float, missed_heartbeats: int,
+                 gone_after: float) -> None:
+        self.env = env
+        self.listener = listener
+        self.heartbeat_interval = heartbeat_interval
+        self.missed_heartbeats = missed_heartbeats
+        self.gone_after = gone_after
+        self.bases: dict[str, BaseState] = {}
+        self.by_node: dict[str, str] = {}
+        #: Monotonic time since which this provider can hear the broker; None while it cannot.
+        self.hearing_since: float | None = None
+
+    # --- membership -------------------------------------------------------------------------------
+
+    def get(self, base_id: str) -> BaseState | None:
+        return self.bases.get(base_id)
+
+    def for_node(self, node_name: str) -> BaseState | None:
+        return self.bases.get(self.by_node.get(node_name, ""))
+
+    def add(self, base: BaseState) -> bool:
+        """Register a base (discovered, or adopted from its Node); False if its Node name is taken."""
+        owner = self.by_node.get(base.node_name)
+        if owner is not None and owner != base.base_id:
+            return False
+        self.bases[base.base_id] = base
+        self.by_node[base.node_name] = base.base_id
+        return True
+
+    def remove(self, base: BaseState) -> None:
+        if self.bases.get(base.base_id) is base:
+            del self.bases[base.base_id]
+        if self.by_node.get(base.node_name) == base.base_id:
+            del self.by_node[base.node_name]
+
+    # --- the tunnel ------------------------------------------------------------------------------
+
+    def connection_changed(self, up: bool) -> None:
+        if not up:
+            self.hearing_since = None
+            return
+        self.hearing_since = time.monotonic()
+        for base in self.bases.values():
+            # A new connection may carry a base's messages in a new order (its own reconnect, a
+            # broker that lost its queue): judge its timestamps afresh.
+            base.last_ts.clear()
+            base.heard_since_connect = False
+
+    def hearing(self) -> bool:
+        return self.hearing_since is not None
+
+    # --- MQTT in ----------------------------------------------------------------------------------
+
+    def reject(self, reason: str, topic: str, detail: object) -> None:
+        MQTT_REJECTED.labels(reason).inc()
+        log.warning("ignored MQTT message on %r (%s): %s", topic[:200], reason, ascii(str(detail)[:500]))
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        try:
+            base_id, kind = arklet.parse_topic(self.env, topic)
+            env = arklet.decode_envelope(payload)
+            if env.publish_ts_ms > arklet.now_ms() + MAX_FUTURE_SKEW_MS:
+                self.reject("future", topic, f"publishTimestamp {env.publish_ts_ms} is "
+                            f"{(env.publish_ts_ms - arklet.now_ms()) / 1000:.0f}s ahead of this provider's clock")
+                return
+            if kind == arklet.HEART:
+                self._on_heartbeat(base_id, arklet.parse_heartbeat(env.data, base_id), env.publish_ts_ms)
+                return
+            base = self.bases.get(base_id)
+            if base is None:
+                MQTT_REJECTED.labels("unknown_base").inc()
+                log.debug("message on %r from base %r before its first heartbeat", topic, base_id)
+                return
+            if kind == arklet.BIZ_OPERATION:
+                self._on_biz_operation(base, arklet.parse_biz_operation(env.data), env.publish_ts_ms, topic)
+                return
+            if kind == arklet.QUERY_BASELINE:
+                self._on_base_started(base)
+                MQTT_HANDLED.labels(kind).inc()
+                return
+            if not self._in_order(base, kind, env.publish_ts_ms, topic):
+                return
+            if kind == arklet.SIMPLE_BIZ:
+                self._on_inventory(base, arklet.parse_simple_biz(env.data), env.publish_ts_ms)
+            elif kind == arklet.BIZ:
+                self._on_inventory(base, arklet.parse_biz(env.data), env.publish_ts_ms)
+            elif kind == arklet.BASE_HEALTH:
+                self._on_health(base, arklet.parse_health(env.data))
+            else:
+                MQTT_REJECTED.labels("unsupported").inc()
+                return
+            MQTT_HANDLED.labels(kind).inc()
+        except arklet.ArkletError as exc:
+            self.reject(exc.kind, topic, exc)
+        except Exception:  # a bug must not take the tunnel down; the message is counted and logged
+            MQTT_REJECTED.labels("internal_error").inc()
+            log.exception("failed to handle MQTT message on %r", topic[:200])
+
+    def _in_order(self, base: BaseState, kind: str, ts: int, topic: str) -> bool:
+        last = base.last_ts.get(kind)
+        if last is not None and ts <= last:
+            now = time.monotonic()
+            if kind == arklet.HEART and base.stale_since is not None \
+                    and now - base.stale_since > CLOCK_STEP_HEARTBEATS * self.heartbeat_interval:
+                # Nothing but old-dated heartbeats for a while: not a replay, the base's clock went
+                # back (NTP, a VM restored). Order its messages afresh instead of ignoring it.
+                log.warning("base %s: its clock went back %.0fs; ordering its messages afresh",
+                            base.base_id, (last - ts) / 1000)
+                base.last_ts.clear()
+                base.biz_ts.clear()
+            else:
+                if kind == arklet.HEART and base.stale_since is None:
+                    base.stale_since = now
+                self.reject("stale", topic, f"publishTimestamp {ts} is not after the last one, {last}")
+                return False
+        if kind == arklet.HEART:
+            base.stale_since = None
+        base.last_ts[kind] = ts
+        self._heard(base)
+        return True
+
+    def _heard(self, base: BaseState) -> None:
+        base.last_heard = time.monotonic()
+        if not base.heard_since_connect:
+            base.heard_since_connect = True
+            self.listener.base_heard_again(base)
+
+    def _on_heartbeat(self, base_id: str, hb: arklet.Heartbeat, ts: int) -> None:
+        base = self.bases.get(base_id)
+        topic = arklet.topic(self.env, base_id, arklet.HEART)
+        if base is None:
+            if not hb.activated:
+                return
+            base = BaseState(base_id=base_id, node_name=keys.vnode_name(base_id))
+            if not self.add(base):
+                self.reject("node_name_collision", topic,
+                            f"{base_id} and {self.by_node[base.node_name]} both map to {base.node_name}")
+                return
+            log.info("new base %s (%s %s, %s) -> Node %s", ascii(base_id), ascii(hb.metadata.name),
+                     ascii(hb.metadata.version), ascii(hb.local_ip), base.node_name)
+            self.listener.base_discovered(base)
+        if not self._in_order(base, arklet.HEART, ts, topic):
+            return
+        MQTT_HANDLED.labels(arklet.HEART).inc()
+        changed = base.gone or base.heartbeat is None or (
+            base.heartbeat.metadata, base.heartbeat.local_ip, base.heartbeat.local_hostname
+        ) != (hb.metadata, hb.local_ip, hb.local_hostname)
+        base.gone = False
+        base.heartbeat = hb
+        if hb.activated:
+            if not base.ready:
+                base.ready = True
+                log.info("base %s is ready", base_id)
+                self.listener.modules_changed(base)
+                changed = True
+        elif base.ready:
+            self.set_not_ready(base, "BaseDeactivated", f"base {base_id} reported state {hb.state}")
+            changed = True
+        if changed:
+            self.listener.node_changed(base)
+
+    def set_not_ready(self, base: BaseState, reason: str, message: str) -> None:
+        base.ready = False
+        base.not_ready_reason, base.not_ready_message = reason, message
+        log.warning("base %s is not ready: %s: %s", base.base_id, reason, message)
+        self.listener.node_changed(base)
+        self.listener.modules_changed(base)
+
+    def _on_base_started(self, base: BaseState) -> None:
+        """arklet asks for its baseline once per JVM start: a base that restarted may have lost
+        every module and restarted its clock, so look again before trusting what we knew."""
+        base.inventory_known = False
+        base.last_ts.clear()
+        base.biz_ts.clear()
+        base.heard_since_connect = False
+        self._heard(base)
+
+    def _on_health(self, base: BaseState, report: arklet.HealthReport) -> None:
+        if not report.ok:
+            log.info("base %s health: %s %s", base.base_id, ascii(report.code), ascii(report.message[:200]))
+            return
+        before = base.health
+        if report.memory_bytes is None or report.cpu_count is None:
+            # arklet registers its JVM and CPU figures only once its tunnel is up: keep what we knew
+            # and ask again soon rather than advertise defaults until the next health period.
+            self.listener.health_incomplete(base)
+            if before is not None:
+                report = arklet.HealthReport(
+                    report.code, report.message,
+                    report.memory_bytes if report.memory_bytes is not None else before.memory_bytes,
+                    report.cpu_count if report.cpu_count is not None else before.cpu_count,
+                    report.run_time_s, report.master_biz_state,
+                )
+        base.health = report
+        if before and before.run_time_s is not None and report.run_time_s is not None:
+            if report.run_time_s + 1 < before.run_time_s:
+                self._on_base_started(base)
+        if report.master_biz_state and report.master_biz_state != arklet.ACTIVATED and base.ready:
+            self.set_not_ready(base, "BaseNotActivated", f"base master biz is {report.master_biz_state}")
+        if before is None or (before.memory_bytes, before.cpu_count) != (report.memory_bytes, report.cpu_count):
+            self.listener.node_changed(base)
+
+    def _on_inventory(self, base: BaseState, reported: list[arklet.BizStatus], ts: int) -> None:
+        fresh: dict[str, BizRecord] = {}
+        for b in reported:
+            seen = base.biz_ts.get(b.key)
+            if seen is not None and seen[0] > ts:
+                continue  # a later reply already decided this module
+            fresh[b.key] = BizRecord(b.name, b.version, b.state, b.change_time_ms, b.reason, b.message, ts=ts)
+        for key, old in base.bizs.items():
+            seen = base.biz_ts.get(key)
+            if key not in fresh and seen is not None and seen[0] > ts:
+                fresh[key] = old
+        changed = fresh != base.bizs or not base.inventory_known
+        base.bizs = fresh
+        base.inventory_known = True
+        if changed:
+            self.listener.modules_changed(base)
+        self.listener.inventory_received(base)
+
+    def _on_biz_operation(self, base: BaseState, op: arklet.BizOperation, ts: int, topic: str) -> None:
+        seen = base.biz_ts.get(op.key)
+        if seen is not None and (ts < seen[0] or (ts == seen[0] and seen[1] == op.command)):
+            self.reject("stale", topic, f"{op.command} {op.key} at {ts} is not after {seen}")
+            return
+        base.biz_ts[op.key] = (ts, op.command)
+        self._heard(base)
+        MQTT_HANDLED.labels(arklet.BIZ_OPERATION).inc()
+        if op.command == arklet.CMD_INSTALL_BIZ:
+            INSTALL_RESULTS.labels("success" if op.success else ("repeat" if op.repeat else "failure")).inc()
+            if op.success or op.repeat:
+                installed = op.installed_key if op.success else op.key
+                if installed != op.key:
+                    base.biz_ts[installed] = (ts, op.command)
+                name, _, version = installed.partition(":")
+                base.bizs[installed] = BizRecord(name, version, op.biz_state or arklet.ACTIVATED, ts, ts=ts)
+        elif (op.success or op.not_found) and (op.command, op.key) in base.pending:
+            # Only an uninstall we asked for takes the module off our books: a replayed or stray
+            # reply says nothing about now (the inventory it prompts does).
+            base.bizs.pop(op.key, None)
+        self.listener.operation_replied(base, op)
+        self.listener.modules_changed(base)
+
+    # --- liveness ---------------------------------------------------------------------------------
+
+    def judge(self, now: float | None = None) -> list[BaseState]:
+        """Mark bases that stopped heartbeating NotReady; return those silent past --gone-after.
+
+        Silence counts only from when this provider could hear: during its own outage, and for one
+        heartbeat interval after it reconnects (the bases' first heartbeats are on their way), no
+        base is judged at all."""
+        now = time.monotonic() if now is None else now
+        since = self.hearing_since
+        if since is None or now - since < self.heartbeat_interval:
+            return []
+        limit = self.heartbeat_interval * self.missed_heartbeats
+        gone = []
+        for base in list(self.bases.values()):
+            silent = now - max(base.last_heard, since)
+            if base.ready and silent > limit:
+                self.set_not_ready(
+                    base,
+                    "BaseHeartbeatMissed",
+                    f"no heartbeat from base {base.base_id} for {silent:.0f}s "
+                    f"({self.missed_heartbeats} missed at {self.heartbeat_interval:g}s)",
+                )
+            elif not base.ready and not base.gone and silent > self.gone_after:
+                base.gone = True
+                gone.append(base)
+        return gone

@@ -1,0 +1,59 @@
+"""Commands to bases over MQTT: installBiz, uninstallBiz, queryAllBiz, health.
+
+Commands are hints, never retained (reference §8.4: a retained installBiz would be replayed to a
+restarted base) and never trusted to arrive: the Pod reconciler keeps what it sent and sends it
+again after a timeout or a reconnect; the base's inventory decides what is true.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import Counter
+
+from koupleless import arklet
+from provider.state import BaseState
+from provider.tunnel import MqttTunnel
+
+log = logging.getLogger(__name__)
+
+COMMANDS = Counter("koupleless_provider_commands_total", "Commands published to bases", ["command"])
+COMMANDS_DROPPED = Counter(
+    "koupleless_provider_commands_dropped_total",
+    "Commands not queued because the MQTT outbox was full (sent again once the broker is back)", ["command"],
+)
+
+#: queryAllBiz to one base at most this often, however many Pods ask.
+INVENTORY_MIN_INTERVAL_S = 1.0
+
+
+class CommandSender:
+    def __init__(self, tunnel: MqttTunnel, env: str) -> None:
+        self.tunnel = tunnel
+        self.env = env
+
+    @property
+    def connection(self) -> int:
+        """Which MQTT connection a command goes out on now (0 while there is none)."""
+        return self.tunnel.connect_count if self.tunnel.connected.is_set() else 0
+
+    def publish(self, base: BaseState, command: str, model: arklet.BizModel | None = None) -> bool:
+        """Hand one command to the tunnel; False when the outbox is full and it was dropped."""
+        qos = 1 if model is not None else 0
+        ok = self.tunnel.send(arklet.topic(self.env, base.base_id, command), arklet.encode_command(model), qos=qos)
+        if ok:
+            COMMANDS.labels(command).inc()
+        else:
+            COMMANDS_DROPPED.labels(command).inc()
+        return ok
+
+    def request_inventory(self, base: BaseState, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - base.inventory_requested_at < INVENTORY_MIN_INTERVAL_S:
+            return
+        base.inventory_requested_at = now
+        self.publish(base, arklet.CMD_QUERY_ALL_BIZ)
+
+    def request_health(self, base: BaseState) -> None:
+        self.publish(base, arklet.CMD_HEALTH)

@@ -1,0 +1,266 @@
+"""The Node reconciler: each base's virtual Node and its Lease, with one writer per Node.
+
+A Node key in the queue means "make the Node, its status and its Lease what the base says". Lease
+renewals are jobs of the same queue (a sync asks to be run again when the next renewal is due), so
+a renewal never races a status write, and deleting a gone base's Node holds up no other base.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter
+
+from koupleless import arklet, keys
+from koupleless.kube.client import ApiError, KubeClient, lease_path, node_path
+from koupleless.kube.informer import Informer
+from koupleless.kube.workqueue import WorkQueue
+from provider import vnode
+from provider.bases import BaseRegistry
+from provider.pods import API_WRITES
+from provider.podstatus import iso
+from provider.state import BaseState, node_base_id
+
+log = logging.getLogger(__name__)
+
+LEASE_TAKEOVERS = Counter(
+    "koupleless_provider_lease_takeovers_total", "Base Leases this replica took over from another holder"
+)
+
+#: A standby looks at a Lease this long after it should have expired (clock skew, a late renewal).
+_LEASE_EXPIRY_MARGIN_S = 0.25
+
+
+@dataclass(frozen=True)
+class NodeReconcilerOptions:
+    identity: str = "module-controller"
+    node: vnode.NodeOptions = field(default_factory=vnode.NodeOptions)
+    #: kubelet's ratio: renew every quarter of the Lease duration (10 s of 40 s).
+    lease_renew_interval: float = vnode.LEASE_DURATION_S / 4
+    workers: int = 16
+
+
+class NodeReconciler:
+    def __init__(self, kube: KubeClient, registry: BaseRegistry, nodes: Informer, opts: NodeReconcilerOptions,
+                 on_owned: Callable[[BaseState], None]) -> None:
+        self.kube = kube
+        self.registry = registry
+        self.nodes = nodes
+        self.opts = opts
+        self.on_owned = on_owned
+        self.queue = WorkQueue("nodes", self.sync, workers=opts.workers)
+
+    # --- what the informer and the bases say ----------------------------------------------------------
+
+    def adopt(self, node: dict[str, Any]) -> None:
+        """A vnode from before this process started: known, not heard from yet. It keeps its current
+        readiness for one heartbeat window, so a provider restart makes no Node flap."""
+        base_id = node_base_id(node)
+        meta = node.get("metadata") or {}
+        name = meta.get("name", "")
+        if not base_id or self.registry.for_node(name) is not None:
+            return
+        labels = meta.get("labels") or {}
+        status = node.get("status") or {}
+        addresses = status.get("addresses") or []
+        ip = next((a.get("address", "") for a in addresses if a.get("type") == "InternalIP"), "")
+        host = next((a.get("address", "") for a in addresses if a.get("type") == "Hostname"), "")
+        base = BaseState(base_id=base_id, node_name=name)
+        base.heartbeat = arklet.Heartbeat(
+            arklet.BaseMetadata(
+                base_id,
+                labels.get(keys.LABEL_BASE_NAME, ""),
+                labels.get(keys.LABEL_BASE_VERSION, ""),
+                labels.get(keys.LABEL_BASE_CLUSTER_NAME, ""),
+            ),
+            ip,
+            host,
+            0,
+            arklet.ACTIVATED,
+        )
+        base.ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        base.node_uid = str(meta.get("uid", ""))
+        self.registry.add(base)
+
+    def on_node_update(self, _old: dict[str, Any], node: dict[str, Any]) -> None:
+        """Someone else changed our Node: the node lifecycle controller setting Ready=Unknown after a
+        slow Lease renewal, or a label or taint edited away. Put back what the base says; the
+        controller never sets Ready=True itself."""
+        name = (node.get("metadata") or {}).get("name", "")
+        base = self.registry.for_node(name)
+        if base is None or not base.owned:
+            return
+        conds = (node.get("status") or {}).get("conditions") or []
+        ready = next((c.get("status") for c in conds if c.get("type") == "Ready"), None)
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        want_labels = vnode.node_labels(base, self.opts.node)
+        if ready != ("True" if base.ready else "False") or any(labels.get(k) != v for k, v in want_labels.items()):
+            self.queue.add(name)
+
+    def on_node_gone(self, node: dict[str, Any]) -> None:
+        name = (node.get("metadata") or {}).get("name", "")
+        base = self.registry.for_node(name)
+        if base is None:
+            return
+        if base.ready:
+            self.queue.add(name)  # deleted by someone else while the base lives: made again
+            return
+        # An operator deleted the Node of a base we cannot hear: that sticks until it heartbeats.
+        log.info("Node %s of silent base %s was deleted; forgetting the base until it is heard again",
+                 name, base.base_id)
+        self.registry.remove(base)
+
+    # --- sync ---------------------------------------------------------------------------------------
+
+    async def sync(self, name: str) -> float | None:
+        base = self.registry.for_node(name)
+        if base is None:
+            return None
+        if base.gone:
+            await self._forget(base)
+            return None
+        now = time.monotonic()
+        if not base.owned:
+            retry = await self._acquire_lease(base)
+            if retry is not None:
+                return retry
+            self.on_owned(base)
+        elif now - base.lease_renewed_at >= self.opts.lease_renew_interval * 0.8:
+            if not await self._renew_lease(base):
+                return 0.05  # lost it: look at who holds it now
+        node = self.nodes.get(name)
+        if node is None:
+            node = await self._create_node(base)
+        if node is not None:
+            await self._update_node(base, node)
+        # The next renewal, with jitter so a fleet registered in one burst spreads out over rounds.
+        due = base.lease_renewed_at + self.opts.lease_renew_interval * random.uniform(0.8, 1.0)
+        return max(0.05, due - time.monotonic())
+
+    async def _create_node(self, base: BaseState) -> dict[str, Any] | None:
+        try:
+            created = await self.kube.create(node_path(), vnode.build_node(base, self.opts.node, iso()))
+        except ApiError as exc:
+            if not exc.already_exists:
+                raise
+            return await self.kube.get(node_path(base.node_name))
+        API_WRITES.labels("node_create").inc()
+        base.node_uid = str((created.get("metadata") or {}).get("uid", ""))
+        log.info("created Node %s for base %s", base.node_name, base.base_id)
+        await self._renew_lease(base)  # now with the Node as owner
+        return None
+
+    async def _update_node(self, base: BaseState, node: dict[str, Any]) -> None:
+        name = base.node_name
+        meta = node.get("metadata") or {}
+        base.node_uid = str(meta.get("uid", "")) or base.node_uid
+        labels = meta.get("labels") or {}
+        want_labels = vnode.node_labels(base, self.opts.node)
+        patch: dict[str, Any] = {}
+        if any(labels.get(k) != v for k, v in want_labels.items()):
+            patch.setdefault("metadata", {})["labels"] = want_labels
+        taints = (node.get("spec") or {}).get("taints") or []
+        have = {(t.get("key"), t.get("effect")) for t in taints}
+        missing = [t for t in vnode.node_taints(self.opts.node) if (t["key"], t["effect"]) not in have]
+        if missing:
+            patch["spec"] = {"taints": taints + missing}
+        if patch:
+            await self.kube.patch(node_path(name), patch, "merge")
+            API_WRITES.labels("node_meta").inc()
+        old_status = node.get("status") or {}
+        status = vnode.node_status(base, self.opts.node, old_status, iso())
+        if vnode.node_status_changed(old_status, status):
+            await self.kube.patch(node_path(name), {"status": status}, "strategic", subresource="status")
+            API_WRITES.labels("node_status").inc()
+
+    async def _forget(self, base: BaseState) -> None:
+        log.warning("base %s silent for over %.0fs: deleting Node %s", base.base_id, self.registry.gone_after,
+                    base.node_name)
+        self.registry.remove(base)
+        if not base.owned:
+            return
+        for path in (node_path(base.node_name), lease_path(vnode.LEASE_NAMESPACE, base.node_name)):
+            try:
+                await self.kube.delete(path)
+                API_WRITES.labels("node_delete").inc()
+            except ApiError as exc:
+                if not exc.not_found:
+                    log.warning("deleting %s failed: %s", path, exc)
+
+    # --- Leases -------------------------------------------------------------------------------------
+
+    async def _acquire_lease(self, base: BaseState) -> float | None:
+        """Take the base's Lease if it is free or expired. None when this replica holds it now; else
+        the seconds until it is worth looking again: just after the holder's Lease would expire, so
+        a standby takes over as soon as the holder stops renewing, with one GET per Lease period."""
+        path = lease_path(vnode.LEASE_NAMESPACE, base.node_name)
+        me = self.opts.identity
+        try:
+            lease = await self.kube.get(path)
+        except ApiError as exc:
+            if not exc.not_found:
+                raise
+            try:
+                created = await self.kube.create(
+                    lease_path(vnode.LEASE_NAMESPACE), vnode.build_lease(base, me, self.opts.node)
+                )
+            except ApiError as exc2:
+                if exc2.already_exists:
+                    return 0.5  # another replica was first: read its Lease to learn when it expires
+                raise
+            API_WRITES.labels("lease").inc()
+            base.lease_rv = str(created["metadata"]["resourceVersion"])
+            base.lease_renewed_at = time.monotonic()
+            base.owned = True
+            return None
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity")
+        left = vnode.lease_seconds_left(lease)
+        if holder != me and left >= 0:
+            if base.owned:
+                log.warning("base %s: Lease held by %s; leaving it to that replica", base.base_id, holder)
+            base.owned = False
+            return left + _LEASE_EXPIRY_MARGIN_S
+        transitions = int(spec.get("leaseTransitions") or 0) + (0 if holder == me else 1)
+        body = vnode.build_lease(base, me, self.opts.node, transitions)
+        body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
+        if holder == me and spec.get("acquireTime"):
+            body["spec"]["acquireTime"] = spec["acquireTime"]
+        try:
+            updated = await self.kube.replace(path, body)
+        except ApiError as exc:
+            if exc.conflict:
+                return 0.5  # someone else wrote it first: look again
+            raise
+        API_WRITES.labels("lease").inc()
+        if holder != me:
+            LEASE_TAKEOVERS.inc()
+            log.info("base %s: took over Lease %s from %s", base.base_id, base.node_name, holder or "nobody")
+        base.lease_rv = str(updated["metadata"]["resourceVersion"])
+        base.lease_renewed_at = time.monotonic()
+        base.owned = True
+        return None
+
+    async def _renew_lease(self, base: BaseState) -> bool:
+        """False when the Lease is no longer ours (someone else wrote it, or it was deleted)."""
+        if not base.owned:
+            return False
+        path = lease_path(vnode.LEASE_NAMESPACE, base.node_name)
+        body = vnode.build_lease(base, self.opts.identity, self.opts.node)
+        body["metadata"]["resourceVersion"] = base.lease_rv
+        try:
+            updated = await self.kube.replace(path, body)
+        except ApiError as exc:
+            if exc.conflict or exc.not_found:
+                base.owned = False
+                return False
+            raise
+        API_WRITES.labels("lease").inc()
+        base.lease_rv = str(updated["metadata"]["resourceVersion"])
+        base.lease_renewed_at = time.monotonic()
+        return True
