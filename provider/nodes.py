@@ -19,6 +19,7 @@ from prometheus_client import Counter
 from koupleless import arklet, keys
 from koupleless.kube.client import ApiError, KubeClient, lease_path, node_path
 from koupleless.kube.informer import Informer
+from koupleless.kube.lease import LeaseObserver
 from koupleless.kube.workqueue import WorkQueue
 from provider import vnode
 from provider.bases import BaseRegistry
@@ -32,8 +33,10 @@ LEASE_TAKEOVERS = Counter(
     "koupleless_provider_lease_takeovers_total", "Base Leases this replica took over from another holder"
 )
 
-#: A standby looks at a Lease this long after it should have expired (clock skew, a late renewal).
+#: A standby looks at a Lease this long after it should have expired (a late renewal).
 _LEASE_EXPIRY_MARGIN_S = 0.25
+#: The most the provider replicas' clocks are trusted to disagree by.
+LEASE_MAX_CLOCK_SKEW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class NodeReconciler:
         self.opts = opts
         self.on_owned = on_owned
         self.queue = WorkQueue("nodes", self.sync, workers=opts.workers)
+        # Expiry by observed silence (client-go's way), so replicas' clocks need not agree; a Lease
+        # whose renewTime is older than its duration plus this skew by our clock is free at once,
+        # so a new replica does not wait a whole Lease period for bases nobody holds.
+        self.leases = LeaseObserver(default_duration=opts.node.lease_duration_s, max_clock_skew=LEASE_MAX_CLOCK_SKEW_S)
 
     # --- what the informer and the bases say ----------------------------------------------------------
 
@@ -220,17 +227,16 @@ class NodeReconciler:
             return None
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
-        left = vnode.lease_seconds_left(lease)
+        left = self.leases.seconds_left(base.node_name, lease)
         if holder != me and left >= 0:
             if base.owned:
                 log.warning("base %s: Lease held by %s; leaving it to that replica", base.base_id, holder)
             base.owned = False
             return left + _LEASE_EXPIRY_MARGIN_S
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if holder == me else 1)
-        body = vnode.build_lease(base, me, self.opts.node, transitions)
+        body = vnode.build_lease(base, me, self.opts.node, transitions,
+                                 acquire_time=spec.get("acquireTime") if holder == me else None)
         body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
-        if holder == me and spec.get("acquireTime"):
-            body["spec"]["acquireTime"] = spec["acquireTime"]
         try:
             updated = await self.kube.replace(path, body)
         except ApiError as exc:

@@ -21,9 +21,9 @@ from koupleless import arklet, keys
 from koupleless.kube.client import ApiError, KubeClient, pod_path
 from koupleless.kube.events import EventRecorder
 from koupleless.kube.informer import object_key
+from koupleless.kube.lease import parse_micro_time
 from koupleless.kube.workqueue import WorkQueue
 from koupleless.model import Module, is_module_pod, module_from_container, validate_pod
-from provider import vnode
 from provider.bases import BaseRegistry
 from provider.commands import CommandSender
 from provider.podsource import PodSource
@@ -616,7 +616,7 @@ def _model(module: Module) -> arklet.BizModel:
 
 
 def _seconds_until(timestamp: Any) -> float:
-    parsed = vnode.parse_micro_time(timestamp)
+    parsed = parse_micro_time(timestamp)
     if parsed is None:
         return 0.0
     return (parsed - _dt.datetime.now(_dt.UTC)).total_seconds()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import platform
 from dataclasses import dataclass
 from typing import Any
 
 from koupleless import keys
+from koupleless.kube import lease
 from provider.state import BaseState
 
 LEASE_NAMESPACE = "kube-node-lease"
@@ -155,57 +155,14 @@ def build_node(base: BaseState, opts: NodeOptions, now: str) -> dict[str, Any]:
     }
 
 
-def micro_time(t: dt.datetime | None = None) -> str:
-    t = t or dt.datetime.now(dt.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_micro_time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def lease_expired(lease: dict[str, Any], now: dt.datetime | None = None) -> bool:
-    return lease_seconds_left(lease, now) < 0
-
-
-def lease_seconds_left(lease: dict[str, Any], now: dt.datetime | None = None) -> float:
-    """Seconds until the Lease expires (negative once it has); -inf if it was never renewed."""
-    spec = lease.get("spec") or {}
-    renew = parse_micro_time(spec.get("renewTime"))
-    if renew is None:
-        return float("-inf")
-    duration = spec.get("leaseDurationSeconds") or LEASE_DURATION_S
-    return (renew + dt.timedelta(seconds=float(duration)) - (now or dt.datetime.now(dt.UTC))).total_seconds()
-
-
-def build_lease(base: BaseState, holder: str, opts: NodeOptions, transitions: int = 0) -> dict[str, Any]:
-    now = micro_time()
-    meta: dict[str, Any] = {
-        "name": base.node_name,
-        "namespace": LEASE_NAMESPACE,
-        "labels": {keys.LABEL_COMPONENT_LEGACY: keys.COMPONENT_VNODE_LEASE, keys.LABEL_VNODE_ENV: opts.env},
-    }
-    if base.node_uid:
-        meta["ownerReferences"] = [
-            {"apiVersion": "v1", "kind": "Node", "name": base.node_name, "uid": base.node_uid}
-        ]
-    return {
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": meta,
-        "spec": {
-            "holderIdentity": holder,
-            "leaseDurationSeconds": opts.lease_duration_s,
-            "acquireTime": now,
-            "renewTime": now,
-            "leaseTransitions": transitions,
-        },
-    }
+def build_lease(base: BaseState, holder: str, opts: NodeOptions, transitions: int = 0,
+                acquire_time: str | None = None) -> dict[str, Any]:
+    owner = {"apiVersion": "v1", "kind": "Node", "name": base.node_name, "uid": base.node_uid} if base.node_uid else None
+    return lease.lease_body(
+        base.node_name, LEASE_NAMESPACE, holder, opts.lease_duration_s, transitions,
+        labels={keys.LABEL_COMPONENT_LEGACY: keys.COMPONENT_VNODE_LEASE, keys.LABEL_VNODE_ENV: opts.env},
+        owner=owner, acquire_time=acquire_time,
+    )
 
 
 def _arch() -> str:

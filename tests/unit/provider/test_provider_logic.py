@@ -3,7 +3,6 @@ ordering of MQTT messages (fed straight into the provider's handler; nothing tal
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from koupleless import arklet, keys
@@ -88,14 +87,6 @@ def test_node_object() -> None:
     assert node["status"]["addresses"][0] == {"type": "InternalIP", "address": "10.0.0.9"}
     assert vnode.binary_quantity(1536 * 1024 * 1024) == "1536Mi"
     assert vnode.binary_quantity(1000) == "1000"
-
-
-def test_lease_expiry() -> None:
-    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    fresh = {"spec": {"renewTime": "2025-12-31T23:59:50.000000Z", "leaseDurationSeconds": 40}}
-    stale = {"spec": {"renewTime": "2025-12-31T23:59:00.000000Z", "leaseDurationSeconds": 40}}
-    assert not vnode.lease_expired(fresh, now) and vnode.lease_expired(stale, now)
-    assert vnode.lease_expired({"spec": {}}, now)
 
 
 def heart(ts: int, state: str = "activated", ip: str = "10.0.0.1") -> bytes:
