@@ -16,6 +16,7 @@ from typing import Any
 from extender.quantity import quantity_bytes, quantity_count
 from extender.selector import NodePlacement, placement_of
 from koupleless import keys
+from koupleless.kube import nodes as node_reader
 from koupleless.model import BaseRequirement, base_requirement
 
 #: Annotation a provider may keep on a virtual Node listing the modules assigned to the base
@@ -57,10 +58,7 @@ class BaseInfo:
         status = _dict(node.get("status"))
         raw_labels = _dict(meta.get("labels"))
         labels = {k: v for k, v in raw_labels.items() if isinstance(v, str)}
-        ready = any(
-            isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
-            for c in _list(status.get("conditions"))
-        )
+        ready = node_reader.is_ready(node)
         allocatable = _dict(status.get("allocatable"))
         annotation = _dict(meta.get("annotations")).get(ANNOTATION_NODE_MODULES)
         annotated = (

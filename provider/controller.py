@@ -123,8 +123,10 @@ class Provider:
 
     async def start(self) -> None:
         await self.events.start()
-        self.nodes.start()
-        self.pods.start()
+        informers = [self.nodes.start(), *self.pods.start()]
+        for task in informers:
+            # An informer retries every error itself; its task ending at all is a bug to see.
+            self.supervisor.spawn(_outlive(task), name=task.get_name())
         await asyncio.gather(self.nodes.wait_synced(), self.pods.wait_synced())
         for node in self.nodes.list():
             self.node_reconciler.adopt(node)
@@ -242,6 +244,11 @@ class Provider:
 
     async def _health_round(self, bases: list[BaseState], period: float) -> None:
         await _spread(bases, period / 2, self.commands.request_health)
+
+
+async def _outlive(task: asyncio.Task[None]) -> None:
+    """Wait for a task someone else owns, without cancelling it when this wait is cancelled."""
+    await asyncio.shield(task)
 
 
 async def _spread(bases: list[BaseState], over: float, act: Callable[[BaseState], None]) -> None:

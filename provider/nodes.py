@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from koupleless import arklet, keys
+from koupleless.kube import nodes as node_reader
 from koupleless.kube.client import ApiError, KubeClient, lease_path, node_path
 from koupleless.kube.informer import Informer
 from koupleless.kube.lease import LeaseObserver
@@ -73,10 +74,7 @@ class NodeReconciler:
         if not base_id or self.registry.for_node(name) is not None:
             return
         labels = meta.get("labels") or {}
-        status = node.get("status") or {}
-        addresses = status.get("addresses") or []
-        ip = next((a.get("address", "") for a in addresses if a.get("type") == "InternalIP"), "")
-        host = next((a.get("address", "") for a in addresses if a.get("type") == "Hostname"), "")
+        ip, host = node_reader.address(node, "InternalIP"), node_reader.address(node, "Hostname")
         base = BaseState(base_id=base_id, node_name=name)
         base.heartbeat = arklet.Heartbeat(
             arklet.BaseMetadata(
@@ -90,7 +88,7 @@ class NodeReconciler:
             0,
             arklet.ACTIVATED,
         )
-        base.ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        base.ready = node_reader.is_ready(node)
         base.node_uid = str(meta.get("uid", ""))
         self.registry.add(base)
 
@@ -102,8 +100,7 @@ class NodeReconciler:
         base = self.registry.for_node(name)
         if base is None or not base.owned:
             return
-        conds = (node.get("status") or {}).get("conditions") or []
-        ready = next((c.get("status") for c in conds if c.get("type") == "Ready"), None)
+        ready = node_reader.condition_status(node, "Ready")
         labels = (node.get("metadata") or {}).get("labels") or {}
         want_labels = vnode.node_labels(base, self.opts.node)
         if ready != ("True" if base.ready else "False") or any(labels.get(k) != v for k, v in want_labels.items()):

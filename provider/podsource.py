@@ -7,6 +7,7 @@ The label selectors are disjoint, so a Pod is in exactly one informer and `get` 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -50,9 +51,8 @@ class PodSource:
             out.extend(informer.by_index("node", node_name))
         return out
 
-    def start(self) -> None:
-        for informer in self.informers:
-            informer.start()
+    def start(self) -> list[asyncio.Task[None]]:
+        return [informer.start() for informer in self.informers]
 
     async def wait_synced(self) -> None:
         for informer in self.informers:

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from koupleless import keys
+from koupleless.kube import nodes as node_reader
 from koupleless.kube.client import KubeClient, node_path, pod_path
 from koupleless.kube.config import KubeConfigError
 from koupleless.model import is_module_pod, module_from_container
@@ -24,17 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _ready(node: dict[str, Any]) -> str:
-    for c in (node.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            return str(c.get("status"))
-    return "Unknown"
+    return node_reader.condition_status(node, "Ready") or "Unknown"
 
 
 def _ip(node: dict[str, Any]) -> str:
-    for a in (node.get("status") or {}).get("addresses") or []:
-        if a.get("type") == "InternalIP":
-            return str(a.get("address", ""))
-    return ""
+    return node_reader.address(node, "InternalIP")
 
 
 def _module_rows(pod: dict[str, Any]) -> list[dict[str, Any]]:
