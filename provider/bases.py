@@ -210,6 +210,8 @@ class BaseRegistry:
             if not base.ready:
                 base.ready = True
                 log.info("base %s is ready", base_id)
+                # Back from a silence: what it holds and what reached it are unknown until it says.
+                self.listener.base_heard_again(base)
                 self.listener.modules_changed(base)
                 changed = True
         elif base.ready:

@@ -192,7 +192,7 @@ class Provider:
     def base_heard_again(self, base: BaseState) -> None:
         if not base.owned:
             return
-        self.commands.request_inventory(base, force=True)
+        self.commands.request_inventory(base)
         self.pod_reconciler.redrive(base)
 
     def health_incomplete(self, base: BaseState) -> None:
