@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -86,6 +88,22 @@ class Broker:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def kill(self) -> None:
+        """The broker dies at once (SIGKILL): every client's connection drops and, persistence being off,
+        no session, subscription or queued message survives. `start()` (or `restart()`) brings it back
+        on the same address; the workdir and its log are kept."""
+        proc = getattr(self, "process", None)
+        if proc is None or proc.proc is None or not proc.running():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.proc.pid, signal.SIGKILL)
+        proc.proc.wait(10)
+
+    def restart(self) -> Broker:
+        """Kill the broker and start a fresh one on the same port."""
+        self.kill()
+        return self.start()
 
     def stop(self) -> None:
         if getattr(self, "process", None):

@@ -1,12 +1,16 @@
 """The provider and base-sim as the user runs them: subprocesses of `module-controller`, against the
 session's control plane and mosquitto. Each test gets its own env (topics, Node label) and cleans up
-the Nodes it made, so tests never see each other's bases."""
+the Nodes it made, so tests never see each other's bases.
+
+Every test that has a `namespace` also has its Pods' phases watched from start to end: a Pod whose
+phase ever went backwards (Running -> Pending, Failed -> anything) fails it at teardown."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -21,6 +25,7 @@ from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
 from koupleless import keys
+from tests.e2e.phasewatch import PhaseWatch
 from tests.helpers import wait_until
 
 CLI = [sys.executable, "-m", "koupleless"]
@@ -51,6 +56,17 @@ class Sim:
     def restart(self, base_id: str) -> None:
         self._call("POST", f"/bases/{base_id}/restart")
 
+    def pause(self) -> None:
+        """SIGSTOP the whole simulator: its bases fall silent with their TCP connection still open
+        (a network partition); `resume` heals it and the MQTT session carries on."""
+        assert self.process.pid is not None
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process.pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGCONT)
+
 
 class System:
     """One provider and any number of base-sim processes, on one env."""
@@ -63,6 +79,19 @@ class System:
         self.processes: list[ManagedProcess] = []
         self.provider: ManagedProcess | None = None
         self.provider_port = 0
+        self.phase_watch: PhaseWatch | None = None
+
+    def use_broker(self, broker: Broker) -> None:
+        """Run this test's provider and bases on `broker` (e.g. one the test kills) instead of the
+        session's; only before anything is started."""
+        assert not self.processes, "use_broker before starting the provider or any base-sim"
+        self.broker = broker
+
+    def watch_phases(self, namespace: str) -> PhaseWatch:
+        """Record every Pod phase in `namespace` from now on; checked when the test ends."""
+        if self.phase_watch is None:
+            self.phase_watch = PhaseWatch(self.cp, namespace).start()
+        return self.phase_watch
 
     def start_provider(self, *extra: str, name: str = "provider", wait_ready: bool = True,
                        env: dict[str, str] | None = None) -> ManagedProcess:
@@ -144,9 +173,26 @@ def _http_ok(port: int, path: str) -> bool:
 
 
 @pytest.fixture
-def system(control_plane: ControlPlane, mqtt_broker: Broker, tmp_path: Path) -> Iterator[System]:
+def system(control_plane: ControlPlane, mqtt_broker: Broker, tmp_path: Path,
+           request: pytest.FixtureRequest) -> Iterator[System]:
     s = System(control_plane, mqtt_broker, tmp_path)
+    if "namespace" in request.fixturenames:
+        s.watch_phases(request.getfixturevalue("namespace"))
     try:
         yield s
     finally:
-        s.stop()
+        watch = s.phase_watch
+        try:
+            if watch is not None:
+                watch.stop()  # the namespace as the test left it, while its provider still runs
+        finally:
+            s.stop()
+        if watch is not None:
+            watch.assert_never_regressed()
+
+
+@pytest.fixture
+def own_broker() -> Iterator[Broker]:
+    """A broker for this test alone, for tests that kill or restart it (never the session's)."""
+    with Broker() as broker:
+        yield broker
