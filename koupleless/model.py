@@ -130,6 +130,26 @@ def is_module_pod(pod: Mapping[str, Any]) -> bool:
     return keys.is_module_pod_labels(labels if isinstance(labels, dict) else None)
 
 
+def workload(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(namespace, kind, name) of the workload a Pod belongs to, the same across its revisions: a
+    Deployment for a ReplicaSet's Pod (the ReplicaSet's name less its pod-template-hash), else the
+    controller that owns it. None for a Pod no controller owns."""
+    meta = pod.get("metadata")
+    if not isinstance(meta, dict):
+        return None
+    refs = meta.get("ownerReferences")
+    for ref in refs if isinstance(refs, list) else []:
+        if not isinstance(ref, dict) or not ref.get("controller"):
+            continue
+        kind, name = str(ref.get("kind", "")), str(ref.get("name", ""))
+        labels = meta.get("labels")
+        template_hash = labels.get("pod-template-hash") if isinstance(labels, dict) else None
+        if kind == "ReplicaSet" and isinstance(template_hash, str) and template_hash and name.endswith("-" + template_hash):
+            kind, name = "Deployment", name[: -len(template_hash) - 1]
+        return str(meta.get("namespace", "")), kind, name
+    return None
+
+
 def infer_from_jar(url: str) -> tuple[str, str] | None:
     """(artifact, version) from a `<artifact>-<version>-ark-biz.jar` URL, else None."""
     return _jar_url(url)[1]

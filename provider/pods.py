@@ -23,7 +23,7 @@ from koupleless.kube.events import EventRecorder
 from koupleless.kube.informer import object_key
 from koupleless.kube.lease import parse_micro_time
 from koupleless.kube.workqueue import WorkQueue
-from koupleless.model import Module, is_module_pod, module_from_container, validate_pod
+from koupleless.model import Module, is_module_pod, module_from_container, validate_pod, workload
 from provider.bases import BaseRegistry
 from provider.commands import CommandSender
 from provider.podsource import PodSource
@@ -585,22 +585,6 @@ class PodReconciler:
             if rec and any(m.biz_key == biz_key for m in rec.installed.values()):
                 return True
         return False
-
-
-def workload(pod: dict[str, Any]) -> tuple[str, str, str] | None:
-    """(namespace, kind, name) of the workload a Pod belongs to, the same across its revisions: a
-    Deployment for a ReplicaSet's Pod (the ReplicaSet's name less its pod-template-hash), else the
-    controller that owns it. None for a Pod no controller owns."""
-    meta = pod.get("metadata") or {}
-    for ref in meta.get("ownerReferences") or []:
-        if not isinstance(ref, dict) or not ref.get("controller"):
-            continue
-        kind, name = str(ref.get("kind", "")), str(ref.get("name", ""))
-        template_hash = (meta.get("labels") or {}).get("pod-template-hash")
-        if kind == "ReplicaSet" and template_hash and name.endswith("-" + template_hash):
-            kind, name = "Deployment", name[: -len(template_hash) - 1]
-        return str(meta.get("namespace", "")), kind, name
-    return None
 
 
 def _rv(obj: dict[str, Any]) -> int:

@@ -213,3 +213,19 @@ def test_vnode_name_is_a_dns_subdomain() -> None:
     assert keys.vnode_name("10.1.0.45") == "virtual-node-10.1.0.45"
     assert keys.vnode_name("Base_UUID:7") == "virtual-node-base-uuid-7"
     assert len(keys.vnode_name("x" * 400)) == 253
+
+
+def test_workload_is_the_same_across_a_deployments_replicasets() -> None:
+    from koupleless.model import workload
+
+    def pod(kind: str, name: str, template_hash: str | None = None) -> dict[str, object]:
+        labels = {"pod-template-hash": template_hash} if template_hash else {}
+        ref = {"kind": kind, "name": name, "controller": True, "apiVersion": "apps/v1", "uid": "u"}
+        return {"metadata": {"namespace": "ns", "labels": labels, "ownerReferences": [ref]}}
+
+    old, new = pod("ReplicaSet", "web-6798ff7d54", "6798ff7d54"), pod("ReplicaSet", "web-5f4c7b9d8", "5f4c7b9d8")
+    assert workload(old) == workload(new) == ("ns", "Deployment", "web")
+    assert workload(pod("ReplicaSet", "plain-rs")) == ("ns", "ReplicaSet", "plain-rs")
+    assert workload(pod("DaemonSet", "agent")) == ("ns", "DaemonSet", "agent")
+    assert workload({"metadata": {"namespace": "ns"}}) is None
+    assert workload({"metadata": {"ownerReferences": "garbage"}}) is None
