@@ -28,6 +28,9 @@ _IGNORED_CONTAINER_FIELDS = ("command", "args", "livenessProbe", "readinessProbe
 
 AFFINITY_PATH = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
 BASE_KEYS = (keys.LABEL_BASE_STACK, keys.LABEL_BASE_NAME, keys.LABEL_BASE_VERSION)
+#: Problem.code of the soft problems a workload's admission words for its own command line.
+VERSION_MISMATCH = "version-mismatch"
+NAME_MISMATCH = "name-mismatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,8 @@ class Problem:
     what: str
     fix: str
     severity: Literal["error", "warning"] = "error"
+    #: Which rule found it, for a caller that words the fix its own way ("" for most rules).
+    code: str = ""
 
     def __str__(self) -> str:
         return f"{self.path}: {self.what} — {self.fix}"
@@ -150,6 +155,52 @@ def workload(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
     return None
 
 
+def owned_by_daemonset(pod: Mapping[str, Any]) -> bool:
+    """Whether a DaemonSet is the Pod's controller (`metadata.ownerReferences`, as the DaemonSet
+    controller writes it: apiVersion apps/v1, kind DaemonSet, controller true)."""
+    meta = pod.get("metadata")
+    refs = meta.get("ownerReferences") if isinstance(meta, dict) else None
+    if not isinstance(refs, list):
+        return False
+    for ref in refs:
+        if isinstance(ref, dict) and ref.get("controller") is True:
+            api_version = ref.get("apiVersion")
+            return (
+                ref.get("kind") == "DaemonSet"
+                and isinstance(api_version, str)
+                and api_version.startswith("apps/")
+            )
+    return False
+
+
+def daemonset_node(spec: Mapping[str, Any]) -> str | None:
+    """The node a DaemonSet's Pod is made for, when its required node affinity is exactly the
+    DaemonSet controller's (k8s.io/kubernetes/pkg/controller/daemon/util
+    ReplaceDaemonSetPodNodeNameNodeAffinity replaces all the template's nodeSelectorTerms with one
+    term, `matchFields: [{key: metadata.name, operator: In, values: [<node>]}]`); else None."""
+    terms = _node_selector_terms(spec)
+    if len(terms) != 1 or not isinstance(terms[0], dict):
+        return None
+    term = terms[0]
+    if term.get("matchExpressions") or set(term) - {"matchFields", "matchExpressions"}:
+        return None
+    fields = term.get("matchFields")
+    if not isinstance(fields, list) or len(fields) != 1 or not isinstance(fields[0], dict):
+        return None
+    req = fields[0]
+    values = req.get("values")
+    if (
+        req.get("key") != "metadata.name"
+        or req.get("operator") != "In"
+        or not isinstance(values, list)
+        or len(values) != 1
+        or not isinstance(values[0], str)
+        or not values[0]
+    ):
+        return None
+    return values[0]
+
+
 def infer_from_jar(url: str) -> tuple[str, str] | None:
     """(artifact, version) from a `<artifact>-<version>-ark-biz.jar` URL, else None."""
     return _jar_url(url)[1]
@@ -210,7 +261,9 @@ def base_requirement(spec: Mapping[str, Any]) -> BaseRequirement:
     return BaseRequirement(tuple(terms))
 
 
-def validate_pod(pod: Mapping[str, Any], *, stack_defaulted: bool = False) -> list[Problem]:
+def validate_pod(
+    pod: Mapping[str, Any], *, stack_defaulted: bool = False, daemonset_owned: bool = False
+) -> list[Problem]:
     """Every problem with a module Pod, errors and warnings, in field order.
 
     Only `spec` is read, and of it only what webhook/wire.py declares: the webhook decodes no
@@ -219,6 +272,10 @@ def validate_pod(pod: Mapping[str, Any], *, stack_defaulted: bool = False) -> li
 
     `stack_defaulted`: the caller will add `base.koupleless.io/stack In [java]`, so a missing stack
     is not reported.
+    `daemonset_owned`: `owned_by_daemonset(pod)`, passed in so that this still reads only `spec`.
+    Such a Pod whose node affinity is the DaemonSet controller's one node term (`daemonset_node`)
+    has no base requirement of its own: the controller picked that node against the template's
+    affinity, which is checked when the DaemonSet is admitted. Every other rule applies.
     """
     problems: list[Problem] = []
     spec = pod.get("spec")
@@ -238,7 +295,8 @@ def validate_pod(pod: Mapping[str, Any], *, stack_defaulted: bool = False) -> li
         seen: dict[str, int] = {}
         for i, container in enumerate(containers):
             problems.extend(_container_problems(i, container, seen))
-    problems.extend(_affinity_problems(spec))
+    if not (daemonset_owned and daemonset_node(spec) is not None):
+        problems.extend(_affinity_problems(spec))
     problems.extend(_unsupported_problems(spec))
     return problems
 
@@ -341,6 +399,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
                 f"bizName {name!r} differs from the jar's artifact name {jar[0]!r}",
                 "make sure it matches the bizName declared in the module's pom.xml",
                 "warning",
+                NAME_MISMATCH,
             )
         )
     if jar and version and jar[1] != version:
@@ -350,6 +409,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
                 f"BIZ_VERSION {version!r} differs from the version in the jar name {jar[1]!r}",
                 "make sure it matches the version declared in the module's pom.xml",
                 "warning",
+                VERSION_MISMATCH,
             )
         )
     for ignored in _IGNORED_CONTAINER_FIELDS:

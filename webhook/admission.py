@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from koupleless import model
+from koupleless import keys, model
 from webhook import wire
-from webhook.defaults import Defaults, default_ops
+from webhook.defaults import Defaults, default_ops, template_ops
 from webhook.patch import Op, encode
 from webhook.workloads import WORKLOAD_KINDS, align_selector, module_template_labels
 
@@ -171,7 +171,7 @@ def _decide(review: Review, defaults: Defaults) -> Decision:
         return Decision("allowed")
     if not _is_pod(request):
         if _is_workload(request):
-            return _decide_workload(review.object())
+            return _decide_workload(review, defaults)
         return Decision("allowed")
     pod = review.field("object", new_pod=operation == "CREATE")
     if not isinstance(pod, dict):
@@ -185,7 +185,7 @@ def _decide(review: Review, defaults: Defaults) -> Decision:
     return _decide_update(pod, review.field("oldObject"))
 
 
-_VERDICTS: dict[tuple[bytes, Defaults], Decision] = {}
+_VERDICTS: dict[tuple[bytes, Defaults, bool], Decision] = {}
 
 
 @dataclass(slots=True)
@@ -200,13 +200,15 @@ VERDICT_COUNTS = VerdictCounts()
 
 
 def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
-    """A new module Pod's verdict depends on its spec alone, and all replicas of a release share
-    that spec byte for byte in what the webhook reads of it (webhook.wire declares no volumes,
-    mounts or names): one verdict per distinct spec is kept."""
+    """A new module Pod's verdict depends on its spec and on whether a DaemonSet owns it (its
+    metadata.ownerReferences, model.owned_by_daemonset), and all replicas of a release share that
+    spec byte for byte in what the webhook reads of it (webhook.wire declares no volumes, mounts or
+    names): one verdict per distinct spec and ownership is kept."""
     spec = pod.get("spec")
+    daemonset_owned = model.owned_by_daemonset(pod)
     if not isinstance(spec, dict):
-        return _judge_new_pod(pod, defaults)
-    key = (_JSON.encode(spec), defaults)  # Raw parts are copied as they arrived
+        return _judge_new_pod(pod, defaults, daemonset_owned)
+    key = (_JSON.encode(spec), defaults, daemonset_owned)  # Raw parts are copied as they arrived
     verdict = _VERDICTS.get(key)
     if verdict is not None:
         VERDICT_COUNTS.reused += 1
@@ -216,7 +218,7 @@ def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
             decoded = {k: wire.decode(v) for k, v in spec.items()}
         except wire.DecodeError as exc:
             raise Unreadable("request.object", str(exc)) from None
-        verdict = _judge_new_pod({"spec": decoded}, defaults)
+        verdict = _judge_new_pod({"spec": decoded}, defaults, daemonset_owned)
         if len(key[0]) <= CACHED_SPEC_BYTES:
             if len(_VERDICTS) >= CACHED_SPECS:
                 _VERDICTS.clear()  # simpler than LRU order, and as good: releases come in bursts
@@ -224,15 +226,15 @@ def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
     return verdict
 
 
-def _judge_new_pod(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
-    problems = model.validate_pod(pod, stack_defaulted=True)
+def _judge_new_pod(pod: Mapping[str, Any], defaults: Defaults, daemonset_owned: bool = False) -> Decision:
+    problems = model.validate_pod(pod, stack_defaulted=True, daemonset_owned=daemonset_owned)
     if not problems:  # the usual case, without two list scans
-        ops = default_ops(pod, defaults)
+        ops = default_ops(pod, defaults, daemonset_owned=daemonset_owned)
         return Decision("patched" if ops else "allowed", ops=ops)
     errors = model.errors(problems)
     if errors:
         return _deny(errors)
-    return _allow(default_ops(pod, defaults), model.warnings(problems))
+    return _allow(default_ops(pod, defaults, daemonset_owned=daemonset_owned), model.warnings(problems))
 
 
 def _decide_update(pod: Mapping[str, Any], old: Any) -> Decision:
@@ -242,9 +244,12 @@ def _decide_update(pod: Mapping[str, Any], old: Any) -> Decision:
     metadata = pod.get("metadata")
     if isinstance(metadata, dict) and metadata.get("deletionTimestamp"):
         return Decision("allowed")
-    problems = model.validate_pod(pod, stack_defaulted=True)
+    problems = model.validate_pod(pod, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(pod))
     before = (
-        {str(p) for p in model.validate_pod(old, stack_defaulted=True)}
+        {
+            str(p)
+            for p in model.validate_pod(old, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(old))
+        }
         if isinstance(old, dict) and model.is_module_pod(old)
         else set()
     )
@@ -255,22 +260,114 @@ def _decide_update(pod: Mapping[str, Any], old: Any) -> Decision:
     return _allow([], model.warnings(new))
 
 
-def _decide_workload(workload: Any) -> Decision:
-    """A Deployment / ReplicaSet / StatefulSet / DaemonSet of modules: its selector is aligned with
-    the template (webhook.workloads), and what is wrong with the template comes back as warnings,
-    so `kubectl apply` shows it at once. It is not rejected: Kubernetes reports Pod problems on the
-    ReplicaSet (FailedCreate), with the Pod webhook's message."""
+#: Appended to a DaemonSet's refusal: why its template is checked here, not on its Pods.
+DAEMONSET_AFFINITY_NOTE = (
+    "(a DaemonSet's Pods carry only the node its controller picked with this affinity, so the "
+    "DaemonSet must select bases itself)"
+)
+
+
+def _decide_workload(review: Review, defaults: Defaults) -> Decision:
+    """A Deployment / ReplicaSet / StatefulSet / DaemonSet of modules, at CREATE and UPDATE: its
+    selector is aligned with the template (webhook.workloads), the template gets the Pod defaults
+    that decide placement (webhook.defaults.template_ops), and what is wrong with the template comes
+    back as warnings, so `kubectl apply` and `kubectl set image` show it at once. It is not
+    rejected: Kubernetes reports Pod problems on the ReplicaSet (FailedCreate), with the Pod
+    webhook's message. Except a DaemonSet whose template selects no bases: its Pods carry the
+    DaemonSet controller's node term instead of that affinity (model.daemonset_node), so this is
+    the only place it can be checked, and it is refused (on UPDATE, when the update brings it)."""
+    workload = review.object()
     if not isinstance(workload, dict):
         return _error("request.object", "is not a workload object", "send the object being admitted")
     if module_template_labels(workload) is None:
         return Decision("allowed")
+    metadata = workload.get("metadata")
+    if isinstance(metadata, dict) and metadata.get("deletionTimestamp"):
+        return Decision("allowed")
+    kind = review.request["kind"].get("kind")
     ops, warnings = align_selector(workload)
-    spec = workload.get("spec")
-    template = spec.get("template") if isinstance(spec, dict) else None
-    if isinstance(template, dict):
-        problems = model.validate_pod(template, stack_defaulted=True)
-        warnings += [f"spec.template.{p}" for p in problems if p.severity == "error"]
+    template = _template(workload)
+    if template is None:
+        return Decision("patched" if ops else "allowed", ops=ops, warnings=warnings)
+    old_template = None
+    if review.request.get("operation") == "UPDATE":
+        old = review.field("oldObject")
+        if isinstance(old, dict) and module_template_labels(old) is not None:
+            old_template = _template(old)
+    problems = model.validate_pod(template, stack_defaulted=True)
+    if kind == "DaemonSet":
+        refused = [p for p in model.errors(problems) if p.path.startswith(model.AFFINITY_PATH)]
+        if refused and old_template is not None:
+            before = {str(p) for p in model.validate_pod(old_template, stack_defaulted=True)}
+            refused = [p for p in refused if str(p) not in before]
+        if refused:
+            message = PROBLEM_SEPARATOR.join(f"spec.template.{p}" for p in refused)
+            return Decision("denied", message=f"{message} {DAEMONSET_AFFINITY_NOTE}", code=403)
+    ref = _kubectl_ref(kind, workload, review.request)
+    warnings += [_template_warning(p, template, old_template, ref) for p in problems]
+    if not _controlled(workload):
+        added_ops, added = template_ops(template, defaults, eviction_tolerations=kind != "DaemonSet")
+        ops += added_ops
+        warnings += added
     return Decision("patched" if ops else "allowed", ops=ops, warnings=warnings)
+
+
+def _template(workload: Any) -> dict[str, Any] | None:
+    spec = workload.get("spec") if isinstance(workload, dict) else None
+    template = spec.get("template") if isinstance(spec, dict) else None
+    return template if isinstance(template, dict) else None
+
+
+def _controlled(workload: Mapping[str, Any]) -> bool:
+    """Whether a controller owns the workload (a Deployment's ReplicaSet, say): that controller
+    compares its own template with this one, so this one is left as the controller wrote it."""
+    metadata = workload.get("metadata")
+    refs = metadata.get("ownerReferences") if isinstance(metadata, dict) else None
+    return isinstance(refs, list) and any(isinstance(r, dict) and r.get("controller") is True for r in refs)
+
+
+def _kubectl_ref(kind: Any, workload: Mapping[str, Any], request: Mapping[str, Any]) -> str:
+    """`deployment/test-module-deployment`, as kubectl names the workload."""
+    metadata = workload.get("metadata")
+    name = request.get("name") or (metadata.get("name") if isinstance(metadata, dict) else None)
+    return f"{str(kind).lower()}/{name if isinstance(name, str) and name else '<name>'}"
+
+
+def _template_warning(
+    problem: model.Problem, template: Mapping[str, Any], old: Mapping[str, Any] | None, ref: str
+) -> str:
+    """A template problem as a warning. BIZ_VERSION that differs from the jar name's version gets a
+    fix as a command line: `kubectl set image` of a new jar keeps the template's BIZ_VERSION."""
+    if problem.code != model.VERSION_MISMATCH:
+        return f"spec.template.{problem}"
+    i = int(problem.path[len("spec.containers[") : problem.path.index("]")])
+    container = template["spec"]["containers"][i]
+    name, image = container.get("name"), container.get("image")
+    version = model.env_value(container, keys.ENV_BIZ_VERSION)
+    jar = model.infer_from_jar(image if isinstance(image, str) else "")
+    if jar is None or not version:  # not what VERSION_MISMATCH means; keep the rule's own words
+        return f"spec.template.{problem}"
+    old_container = _container(old, i)
+    if (
+        old_container is not None
+        and old_container.get("image") == image
+        and model.env_value(old_container, keys.ENV_BIZ_VERSION) != version
+    ):  # only BIZ_VERSION changed: the jar is what is left to change
+        fix = f"change the jar too: kubectl set image {ref} {name}=<URL of {jar[0]}-{version}-ark-biz.jar>"
+    else:
+        fix = f"change both: kubectl set env {ref} -c {name} {keys.ENV_BIZ_VERSION}={jar[1]}"
+    return (
+        f"spec.template.{problem.path}: {keys.ENV_BIZ_VERSION} {version} differs from the version in the jar "
+        f"name {jar[1]}, so its Pods would show VersionMismatch — {fix}"
+    )
+
+
+def _container(template: Mapping[str, Any] | None, i: int) -> dict[str, Any] | None:
+    spec = template.get("spec") if template is not None else None
+    containers = spec.get("containers") if isinstance(spec, dict) else None
+    if isinstance(containers, list) and i < len(containers) and isinstance(containers[i], dict):
+        return containers[i]
+    return None
 
 
 def _is_workload(request: Mapping[str, Any]) -> bool:

@@ -67,8 +67,12 @@ def eviction_toleration(key: str, seconds: int) -> dict[str, Any]:
     return {"key": key, "operator": "Exists", "effect": keys.EFFECT_NO_EXECUTE, "tolerationSeconds": seconds}
 
 
-def default_ops(pod: Mapping[str, Any], defaults: Defaults) -> list[Op]:
-    """Only `spec` is read, and of it only what webhook/wire.py declares (see model.validate_pod)."""
+def default_ops(pod: Mapping[str, Any], defaults: Defaults, *, daemonset_owned: bool = False) -> list[Op]:
+    """Only `spec` is read, and of it only what webhook/wire.py declares (see model.validate_pod).
+
+    `daemonset_owned` (model.owned_by_daemonset): a DaemonSet's Pod whose node affinity is its
+    controller's one node term keeps that term as written (no stack requirement added to it).
+    """
     spec = pod.get("spec")
     if not isinstance(spec, dict):
         return []
@@ -83,13 +87,86 @@ def default_ops(pod: Mapping[str, Any], defaults: Defaults) -> list[Op]:
                 _biz_version_ops(ops, i, container)
                 _module_resource_ops(ops, i, container)
                 requests_module = True
-    _stack_ops(ops, spec)
+    if not (daemonset_owned and model.daemonset_node(spec) is not None):
+        _stack_ops(ops, spec)
     ops.extend(_toleration_ops(spec, defaults))
     # Only beside the module resource: the profile skips the in-tree node-affinity filter and
     # relies on the extender, which kube-scheduler calls only for Pods that request that resource.
     if requests_module and defaults.scheduler_name:
         ops.extend(_scheduler_ops(spec, defaults.scheduler_name))
     return ops
+
+
+#: Where an apps/v1 workload keeps its Pod template, before the paths default_ops writes (/spec/...).
+TEMPLATE_POINTER = "/spec/template"
+_TEMPLATE_AFFINITY_PATH = "spec.template." + model.AFFINITY_PATH
+
+
+def template_ops(
+    template: Mapping[str, Any], defaults: Defaults, *, eviction_tolerations: bool = True
+) -> tuple[list[Op], list[str]]:
+    """The defaults of `default_ops` that decide where a workload's Pods can go, written into its
+    Pod template (`spec.template`), and one warning per field they change.
+
+    A DaemonSet controller creates Pods only for Nodes whose taints the template tolerates and
+    whose labels its affinity selects, before any Pod reaches the webhook: so the virtual-node (and
+    env) toleration, the stack requirement and `koupleless.io/module` per container go into the
+    template. The short not-ready / unreachable tolerations too, unless `eviction_tolerations` is
+    False (a DaemonSet's: its controller makes every Pod tolerate those taints forever anyway).
+    Not BIZ_VERSION from the jar name: each Pod infers it from its own jar, so a template that
+    does not write BIZ_VERSION takes a new jar's version with `kubectl set image`. Not the
+    scheduler name either: each Pod gets it. Applying the result twice changes nothing.
+    """
+    spec = template.get("spec")
+    if not isinstance(spec, dict):
+        return [], []
+    ops: list[Op] = []
+    warnings: list[str] = []
+    containers = spec.get("containers")
+    if isinstance(containers, list):
+        for i, container in enumerate(containers):
+            if isinstance(container, dict):
+                n = len(ops)
+                _module_resource_ops(ops, i, container)
+                if len(ops) > n:
+                    warnings.append(
+                        f"spec.template.spec.containers[{i}].resources: added {keys.RESOURCE_MODULE} to "
+                        "requests and limits (a module takes one of its base's module slots)"
+                    )
+    n = len(ops)
+    _stack_ops(ops, spec)
+    for op in ops[n:]:
+        term = op["path"][len(_TERMS_PATH) + 1 :].split("/", 1)[0]
+        warnings.append(
+            f"{_TEMPLATE_AFFINITY_PATH}.nodeSelectorTerms[{term}].matchExpressions: added "
+            f"{keys.LABEL_BASE_STACK} In [{keys.DEFAULT_BASE_STACK}]"
+        )
+    tolerations = _toleration_ops(spec, defaults, eviction=eviction_tolerations)
+    if tolerations:
+        ops.extend(tolerations)
+        warnings.extend(_toleration_warnings(spec.get("tolerations") or [], tolerations[0]["value"], defaults))
+    return [{**op, "path": TEMPLATE_POINTER + op["path"]} for op in ops], warnings
+
+
+def _toleration_warnings(before: list[Any], after: list[dict[str, Any]], defaults: Defaults) -> list[str]:
+    changed = [t for n, t in enumerate(after) if n >= len(before) or t != before[n]]
+    placement = [t for t in changed if t.get("key") in (keys.TAINT_VIRTUAL_NODE, keys.TAINT_NODE_ENV)]
+    eviction = [str(t["key"]) for t in changed if t.get("key") in (_NOT_READY, _UNREACHABLE)]
+    out = []
+    if placement:
+        taints = ", ".join(f"{t['key']}={t['value']}:{t['effect']}" for t in placement)
+        out.append(
+            f"spec.template.spec.tolerations: added {taints}, the taint{'s' if len(placement) > 1 else ''} "
+            "of every base's Node (a DaemonSet only targets Nodes whose taints its template tolerates)"
+        )
+    if eviction:
+        seconds = defaults.eviction_toleration_seconds
+        taints = " and ".join(f"{key}:{_NO_EXECUTE}" for key in eviction)
+        out.append(
+            f"spec.template.spec.tolerations: {taints} now tolerated for {seconds}s, so modules leave a "
+            f"base that stopped answering within {seconds} s"
+        )
+    return out
 
 
 def _scheduler_ops(spec: Mapping[str, Any], name: str) -> list[Op]:
@@ -183,14 +260,15 @@ def _stack_expression() -> dict[str, Any]:
     return {"key": keys.LABEL_BASE_STACK, "operator": "In", "values": [keys.DEFAULT_BASE_STACK]}
 
 
-def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults) -> list[Op]:
+def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults, *, eviction: bool = True) -> list[Op]:
+    """`eviction` False: the not-ready / unreachable tolerations are neither added nor shortened."""
     current = spec.get("tolerations")
     if current is not None and not isinstance(current, list):
         return []
     tolerations = list(current) if current else []
     seconds = defaults.eviction_toleration_seconds
     apiserver_seconds = defaults.apiserver_toleration_seconds
-    shorten = seconds != apiserver_seconds
+    shorten = eviction and seconds != apiserver_seconds
     replaced = False
     vnode = env = not_ready = unreachable = False
     # One pass: this runs on every admission.
@@ -232,9 +310,9 @@ def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults) -> list[Op]:
         missing.append(dict(keys.vnode_toleration()))
     if defaults.env_taint and not env:
         missing.append(dict(keys.env_toleration(defaults.env)))
-    if not not_ready:
+    if eviction and not not_ready:
         missing.append(eviction_toleration(keys.TAINT_NOT_READY, seconds))
-    if not unreachable:
+    if eviction and not unreachable:
         missing.append(eviction_toleration(keys.TAINT_UNREACHABLE, seconds))
     if not missing and not replaced:
         return []

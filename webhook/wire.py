@@ -1,7 +1,8 @@
 """AdmissionReview bodies decoded to just what the webhook reads.
 
 Most of an AdmissionReview is of no use here: userInfo, options, the requestKind copies, and in
-the Pod its status, owner references, volumes, mounts and dozens of defaulted fields. msgspec
+the Pod its status, volumes, mounts and dozens of defaulted fields. Owner references are read: a
+DaemonSet's Pod carries the DaemonSet controller's node term instead of a base requirement. msgspec
 skips undeclared fields without building objects for them, which is most of the cost of reading a
 review. Two subtrees of a new Pod stay undecoded (`msgspec.Raw`), affinity and tolerations: they
 are read only the first time a spec is judged (webhook.admission keeps a verdict per spec).
@@ -76,6 +77,8 @@ class Metadata(TypedDict, total=False):
     generateName: Any
     labels: Any
     deletionTimestamp: Any
+    #: koupleless.model.owned_by_daemonset; part of a kept verdict's key (webhook.admission).
+    ownerReferences: Any
 
 
 class NewPod(TypedDict, total=False):

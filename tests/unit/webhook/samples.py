@@ -136,3 +136,85 @@ def review(
             "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
         },
     }
+
+
+#: The seed's Deployment template as a DaemonSet (selector matching its template).
+SEED_DAEMONSET: dict[str, Any] = {
+    "apiVersion": "apps/v1",
+    "kind": "DaemonSet",
+    "metadata": {"name": "test-module-daemonset", "namespace": "default"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "test-module-deployment-non-peer"}},
+        "template": copy.deepcopy(SEED_DEPLOYMENT["spec"]["template"]),
+    },
+}
+
+#: What k8s.io/kubernetes/pkg/controller/daemon/util.AddOrUpdateDaemonPodTolerations adds.
+DAEMONSET_TOLERATIONS = [
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+    {"key": "node.kubernetes.io/disk-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/pid-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"},
+]
+
+
+def daemonset_pod(node: str = "virtual-node-base-1-1-1-0", template: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Pod as kube-controller-manager's DaemonSet controller creates it for `node` (and as the
+    apiserver's defaulting leaves it before admission): the template with its required node
+    affinity replaced by one `matchFields metadata.name In [node]` term
+    (ReplaceDaemonSetPodNodeNameNodeAffinity), the DaemonSet's tolerations, and a controller
+    ownerReference to the DaemonSet."""
+    template = copy.deepcopy(template if template is not None else SEED_DAEMONSET["spec"]["template"])
+    spec = template["spec"]
+    spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = {
+        "nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+        ]
+    }
+    tolerations = spec.setdefault("tolerations", [])
+    for toleration in DAEMONSET_TOLERATIONS:
+        same = [t for t in tolerations if (t.get("key"), t.get("effect")) == (toleration["key"], toleration["effect"])]
+        for t in same:
+            tolerations.remove(t)
+        tolerations.append(dict(toleration))
+    for container in spec["containers"]:
+        container.setdefault("resources", {})
+        container.update(
+            terminationMessagePath="/dev/termination-log",
+            terminationMessagePolicy="File",
+            imagePullPolicy="IfNotPresent",
+        )
+    spec.update(
+        restartPolicy="Always",
+        terminationGracePeriodSeconds=30,
+        dnsPolicy="ClusterFirst",
+        securityContext={},
+        schedulerName="default-scheduler",
+        enableServiceLinks=True,
+        preemptionPolicy="PreemptLowerPriority",
+        priority=0,
+    )
+    labels = dict(template["metadata"]["labels"])
+    labels.update({"controller-revision-hash": "6c9b4d7f8", "pod-template-generation": "1"})
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "test-module-daemonset-",
+            "namespace": "default",
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "DaemonSet",
+                    "name": "test-module-daemonset",
+                    "uid": "3f1c7a2e-5b7d-4e0a-9a51-0d6f2b8c4e11",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec,
+    }

@@ -196,7 +196,12 @@ def test_seed_deployment_gets_its_selector_aligned() -> None:
     ops = orjson.loads(base64.b64decode(response["patch"]))
     fixed = jsonpatch.apply_patch(SEED_DEPLOYMENT, ops)
     assert fixed["spec"]["selector"]["matchLabels"] == {"app": "test-module-deployment-non-peer"}
-    assert [w.split(":")[0] for w in response["warnings"]] == ["spec.selector.matchLabels.app"]
+    assert [w.split(":")[0] for w in response["warnings"]] == [
+        "spec.selector.matchLabels.app",
+        "spec.template.spec.containers[0].name",  # biz1 is not the jar's artifact, as on its Pods
+        "spec.template.spec.containers[0].resources",  # the template's placement defaults, each said
+        "spec.template.spec.tolerations",
+    ]
 
 
 def test_module_workload_template_problems_are_warnings_not_rejections() -> None:

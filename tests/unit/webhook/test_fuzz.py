@@ -20,8 +20,15 @@ from prometheus_client import CollectorRegistry
 
 from koupleless import keys, model
 from tests import strategies
-from tests.unit.webhook.samples import SEED_JAR, review, seed_pod
-from webhook.admission import decide, encode_response, parse_review, read_review, response_document
+from tests.unit.webhook.samples import SEED_JAR, daemonset_pod, review, seed_pod
+from webhook.admission import (
+    DAEMONSET_AFFINITY_NOTE,
+    decide,
+    encode_response,
+    parse_review,
+    read_review,
+    response_document,
+)
 from webhook.defaults import Defaults
 from webhook.server import create_app
 
@@ -90,8 +97,20 @@ expression = st.fixed_dictionaries(
     },
     optional={"values": maybe(st.lists(st.sampled_from(["java", "base", "1.1.1", ""]), max_size=2))},
 )
+#: The DaemonSet controller's node term, and near misses of it.
+field_requirement = st.fixed_dictionaries(
+    {
+        "key": st.sampled_from(["metadata.name", "metadata.name", "metadata.namespace"]),
+        "operator": st.sampled_from(["In", "In", "NotIn"]),
+        "values": st.sampled_from([["virtual-node-a"], ["virtual-node-a"], ["a", "b"], [""], []]),
+    }
+)
 term = st.fixed_dictionaries(
-    {}, optional={"matchExpressions": maybe(st.lists(maybe(expression), max_size=4))}
+    {},
+    optional={
+        "matchExpressions": maybe(st.lists(maybe(expression), max_size=4)),
+        "matchFields": maybe(st.lists(field_requirement, min_size=1, max_size=2)),
+    },
 )
 affinity = st.fixed_dictionaries(
     {
@@ -136,7 +155,14 @@ pods = st.fixed_dictionaries(
     {
         "apiVersion": st.just("v1"),
         "kind": st.just("Pod"),
-        "metadata": st.fixed_dictionaries({"labels": maybe(labels)}),
+        "metadata": st.fixed_dictionaries({"labels": maybe(labels)}, optional={"ownerReferences": maybe(
+            st.lists(st.fixed_dictionaries({
+                "apiVersion": st.sampled_from(["apps/v1", "v1"]),
+                "kind": st.sampled_from(["DaemonSet", "ReplicaSet"]),
+                "name": st.just("owner"),
+                "uid": st.just("1"),
+            }, optional={"controller": st.booleans() | json_values}), max_size=2)
+        )}),
     },
     optional={"spec": maybe(pod_spec)},
 )
@@ -166,6 +192,10 @@ def seed_variants(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         first["resources"] = draw(resources)
     first.update(draw(container_extras))
+    if draw(st.integers(0, 3)) == 0:  # as its DaemonSet's controller would make it for one node
+        owned = daemonset_pod("virtual-node-a")
+        pod["metadata"]["ownerReferences"] = owned["metadata"]["ownerReferences"]
+        spec["affinity"] = owned["spec"]["affinity"]
     for n in range(draw(st.integers(0, 2))):
         extra = copy.deepcopy(first)
         extra["name"] = f"biz{n + 2}"
@@ -186,6 +216,17 @@ operations = st.one_of(
 
 
 WORKLOAD = {"kind": "Deployment", "resource": "deployments", "group": "apps"}
+DAEMONSET = {"kind": "DaemonSet", "resource": "daemonsets", "group": "apps"}
+
+
+def workload_of(request: dict[str, Any]) -> dict[str, str] | None:
+    kind = request["kind"]
+    for workload in (WORKLOAD, DAEMONSET):
+        if kind == {"group": "apps", "version": "v1", "kind": workload["kind"]}:
+            return workload
+    return None
+
+
 selectors = st.fixed_dictionaries(
     {},
     optional={
@@ -202,21 +243,19 @@ selectors = st.fixed_dictionaries(
 @st.composite
 def reviews(draw: st.DrawFn) -> dict[str, Any]:
     pod = draw(pods | seed_variants() | seed_variants())
-    as_workload = draw(st.integers(0, 3)) == 0
+    workload = draw(st.sampled_from([None, None, None, None, None, None, WORKLOAD, DAEMONSET]))
     obj: Any = pod
-    if as_workload:
+    old = draw(st.none() | pods | st.just(seed_pod()))
+    if workload:
         template = {"metadata": pod["metadata"], "spec": pod.get("spec")}
         obj = {
             "apiVersion": "apps/v1",
-            "kind": "Deployment",
+            "kind": workload["kind"],
             "spec": {"selector": draw(maybe(selectors)), "template": template},
         }
-    doc = review(
-        obj,
-        operation=draw(operations),
-        old=draw(st.none() | pods | st.just(seed_pod())),
-        **(WORKLOAD if as_workload else {}),
-    )
+        if draw(st.booleans()):
+            old = {"apiVersion": "apps/v1", "kind": workload["kind"], "spec": {"template": old}}
+    doc = review(obj, operation=draw(operations), old=old, **(workload or {}))
     request = doc["request"]
     for key in ("kind", "resource", "subResource", "object", "name", "namespace"):
         if draw(st.integers(0, 19)) == 0:
@@ -282,13 +321,13 @@ def test_random_reviews_get_well_formed_answers(post: Any, doc: dict[str, Any]) 
     if response is None or "patch" not in response:
         return
     request = doc["request"]
-    as_workload = request["kind"] == {"group": "apps", "version": "v1", "kind": "Deployment"}
-    # Pods are defaulted only at CREATE (their spec is immutable after); a workload's selector is
-    # aligned on UPDATE too.
-    assert request["operation"] == "CREATE" or as_workload
+    workload = workload_of(request)
+    # Pods are defaulted only at CREATE (their spec is immutable after); a workload's selector and
+    # template defaults are applied on UPDATE too.
+    assert request["operation"] == "CREATE" or workload
     ops = orjson.loads(base64.b64decode(response["patch"]))
     stored = jsonpatch.apply_patch(copy.deepcopy(request["object"]), ops)
-    again = decide(parse_review(review(stored, **(WORKLOAD if as_workload else {}))), DEFAULTS)
+    again = decide(parse_review(review(stored, **(workload or {}))), DEFAULTS)
     assert again.result == "allowed", again
     assert again.ops == []
 
@@ -326,7 +365,16 @@ def test_every_error_is_one_item_of_the_rejection(doc: dict[str, Any]) -> None:
     """The separator never appears inside a problem, so the message splits back into the problems."""
     decision = decide(parse_review(doc), DEFAULTS)
     if decision.result == "denied":
-        errors = model.errors(model.validate_pod(doc["request"]["object"], stack_defaulted=True))
+        obj = doc["request"]["object"]
+        if workload_of(doc["request"]):  # a DaemonSet whose template selects no bases
+            errors = model.errors(model.validate_pod(obj["spec"]["template"], stack_defaulted=True))
+            wanted = [f"spec.template.{e}" for e in errors if e.path.startswith(model.AFFINITY_PATH)]
+            problems = decision.message.removesuffix(" " + DAEMONSET_AFFINITY_NOTE).split("; ")
+            assert problems == wanted or doc["request"]["operation"] == "UPDATE"
+            return
+        errors = model.errors(
+            model.validate_pod(obj, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(obj))
+        )
         if doc["request"]["operation"] == "CREATE":
             assert decision.message.split("; ") == [str(e) for e in errors]
 
