@@ -190,7 +190,9 @@ class Extender:
             base_of = self.view.bases.get
         else:
             base_of = lambda _name: None  # noqa: E731
-        scores = policy.prioritize_pod(pod, args.names, base_of, self._usage_for_request(bases), self.settings.strategy)
+        holding = self.view.usage.holding(pod.biz_names) if self.view is not None and self.watches_pods else None
+        scores = policy.prioritize_pod(pod, args.names, base_of, self._usage_for_request(bases), self.settings.strategy,
+                                       holding)
         return wire.priority_list(scores)
 
     async def bind(self, args: wire.BindingArgs) -> dict[str, Any]:

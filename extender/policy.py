@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -114,7 +115,14 @@ def filter_pod(
     usage_of: UsageOf = _no_usage,
 ) -> FilterOutcome:
     """Split `candidates` (name, what is known of the Node, None = not a known base) into passing
-    and failed-with-reason. Non-module Pods pass everywhere."""
+    and failed-with-reason. Non-module Pods pass everywhere.
+
+    A base already holding one of the Pod's bizNames is out, unless every Pod holding it there is
+    of the Pod's own workload at another version (`BaseUsage.replaces`): a rolling update or
+    rollback, which SOFAArk does in place (the new version installed beside the old and activated;
+    the provider admits exactly that). Such a module needs no free slot: it shares the old one's
+    until the old Pod goes. Memory is counted for both, as kube-scheduler's own resource fit does
+    (and the base holds both meanwhile)."""
     out = FilterOutcome()
     if not pod.is_module:
         out.passing = [name for name, _ in candidates]
@@ -123,7 +131,8 @@ def filter_pod(
     placement = pod.placement
     unconstrained = placement.unconstrained
     need = pod.modules
-    wanted = pod.biz_names
+    wanted = tuple(pod.versioned())
+    of = pod.workload
     mem_request = pod.memory
     # Reasons for label mismatches depend only on the labels the Pod names: remember them.
     affinity_memo: dict[tuple[str | None, ...], tuple[str, str]] = {}
@@ -147,15 +156,23 @@ def filter_pod(
             kinds[KIND_NOT_READY] += 1
             continue
         usage = usage_of(name)
+        #: the Pod's modules that replace their own previous version here (no new slot needed)
+        upgrades = 0
         if usage is not None:
             held = usage.biz_names
-            dup = next((b for b in wanted if held.get(b, 0) > 0), None)
+            dup = None
+            for biz, version in wanted:
+                if held.get(biz, 0) > 0:
+                    if not usage.replaces(biz, of, version):
+                        dup = biz
+                        break
+                    upgrades += 1
             if dup is not None:
                 failed[name] = reason_duplicate(dup)
                 kinds[KIND_DUPLICATE] += 1
                 continue
-        used = usage.modules if usage is not None else 0
-        if base.max_modules is not None and used + need > base.max_modules:
+        used = usage.slots if usage is not None else 0
+        if base.max_modules is not None and used + need - upgrades > base.max_modules:
             failed[name] = REASON_CAPACITY
             kinds[KIND_CAPACITY] += 1
             continue
@@ -231,18 +248,34 @@ def filter_indexed(pod: ModulePod, names: list[str], view: ClusterView,
             kinds[kind] += len(nodes)
 
     reject(fit & view.not_ready, REASON_NOT_READY, KIND_NOT_READY)
-    for biz in pod.biz_names:
-        holders = view.usage.biz_nodes.get(biz)
+    usage = view.usage
+    #: base -> how many of the Pod's modules replace their own previous version there
+    upgrades: Counter[str] = Counter()
+    for biz, version in pod.versioned():
+        holders = usage.biz_nodes.get(biz)
         if holders:
-            reject(fit & holders, reason_duplicate(biz), KIND_DUPLICATE)
-    for free in range(need):
+            held = fit & holders
+            if held:
+                in_place = held & usage.upgradable(biz, pod.workload, version)
+                reject(held - in_place if in_place else held, reason_duplicate(biz), KIND_DUPLICATE)
+                upgrades.update(in_place)
+    for free in range(-1, need):
         too_full = view.slots.get(free)
         if too_full:
-            reject(fit & too_full, REASON_CAPACITY, KIND_CAPACITY)
+            full = fit & too_full
+            if upgrades:
+                # An in-place upgrade takes no slot beyond the old version's: such a base is too
+                # full only if fewer than (need - upgrades) slots are free.
+                full.difference_update(n for n, k in upgrades.items() if need - k <= free)
+            reject(full, REASON_CAPACITY, KIND_CAPACITY)
     if pod.memory is not None:
         reject(fit.intersection(view.short_of_memory(pod.memory)), reason_memory(pod.memory), KIND_MEMORY)
     out.passing = list(fit)
     return out
+
+
+#: Added to the module-count key of an in-place upgrade base: beyond any count, so it ranks last.
+_IN_PLACE = 1 << 40
 
 
 def _rank_scores(keyed: list[tuple[tuple[int, int, int], str]]) -> dict[str, int]:
@@ -261,13 +294,30 @@ def prioritize_pod(
     base_of: Callable[[str], BaseInfo | None],
     usage_of: UsageOf = _no_usage,
     strategy: Strategy = "spread",
+    holding: AbstractSet[str] | None = None,
 ) -> list[tuple[str, int]]:
-    """Scores 0..10 per candidate. spread: fewest modules first, then most free memory;
-    binpack: most modules first, then least free memory. Unknown bases and non-module Pods score 0."""
+    """Scores 0..10 per candidate. First every base where the Pod installs afresh, then those where
+    it replaces its own workload's previous version in place; within each, spread: fewest modules
+    first, then most free memory; binpack: most modules first, then least free memory. Unknown
+    bases and non-module Pods score 0. `holding`: the bases holding any of the Pod's bizNames, when
+    the caller has them indexed (else each base's usage is asked)."""
     names = list(names)
     if not pod.is_module:
         return [(name, 0) for name in names]
     spread = strategy == "spread"
+    # A base that passed the filter and already holds one of the Pod's bizNames is an in-place
+    # upgrade (or rollback) of the Pod's own workload there. It is the last resort, in both
+    # strategies: SOFAArk deactivates the old version the moment the new one is active, so the old
+    # replica stops serving at once, and the rollout's surge (a new replica serving *before* an old
+    # one goes, what maxSurge asks for) happens only on a base without the module. At replicas =
+    # bases there is no such base and every base upgrades in place, one per surge Pod; with spare
+    # bases the rollout runs as on any cluster, and no base holds two versions of one module (nor
+    # two copies' memory) meanwhile. Within each of the two groups the strategy decides.
+    if holding is None:
+        wanted = frozenset(pod.biz_names)
+        # A bizName is a key of `biz_names` only while held.
+        holding = {name for name in names
+                   if (usage := usage_of(name)) is not None and not wanted.isdisjoint(usage.biz_names)}
     # Integer keys: quantities are exact and can be huge; a float would round or overflow.
     keyed: list[tuple[tuple[int, int, int], str]] = []
     for name in names:
@@ -275,12 +325,17 @@ def prioritize_pod(
         if base is None:
             continue
         usage = usage_of(name)
-        modules = usage.modules if usage is not None else 0
-        count_key = modules if spread else -modules
+        if usage is None:
+            count_key = used_memory = 0
+        else:
+            count_key = usage.modules if spread else -usage.modules
+            if name in holding:
+                count_key += _IN_PLACE
+            used_memory = usage.memory
         if base.memory is None:
             keyed.append(((count_key, 1, 0), name))
         else:
-            free = base.memory - (usage.memory if usage is not None else 0)
+            free = base.memory - used_memory
             keyed.append(((count_key, 0, -free if spread else free), name))
     scores = _rank_scores(keyed)
     return [(name, scores.get(name, 0)) for name in names]

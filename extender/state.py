@@ -2,7 +2,8 @@
 
 `BaseInfo` is read from a Node dict, `ModulePod` from a Pod dict; `Usage` counts, per base, the
 modules of Pods bound there plus those the extender itself has just bound and the watch has not yet
-shown (so a burst of module Pods never overbooks a base).
+shown (so a burst of module Pods never overbooks a base), and remembers which workload holds each
+module at which version (a workload's next version may replace its own module in place).
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from extender.quantity import quantity_bytes, quantity_count
 from extender.selector import NodePlacement, placement_of
 from koupleless import keys
 from koupleless.kube import nodes as node_reader
-from koupleless.model import BaseRequirement, base_requirement
+from koupleless.model import BaseRequirement, base_requirement, module_from_container, workload
+
+#: (namespace, kind, name) of a Pod's workload, the same across its revisions (`model.workload`).
+Workload = tuple[str, str, str]
+#: Who holds a module on a base: the holding Pod's workload (None: no controller) and the version.
+Holder = tuple[Workload | None, str]
 
 #: Annotation a provider may keep on a virtual Node listing the modules assigned to the base
 #: (comma-separated bizNames, one entry per module). Read only in full-Node mode without a
@@ -107,23 +113,34 @@ class ModulePod:
     terminal: bool = False
     #: Set when the Pod is not a module Pod: the extender passes it through untouched.
     is_module: bool = True
+    #: bizVersion of each of `biz_names` (BIZ_VERSION, else the jar name's version, else "").
+    versions: tuple[str, ...] = ()
+    #: The Pod's workload across revisions (a Deployment for a ReplicaSet's Pod); None for a bare Pod.
+    workload: Workload | None = None
 
     @property
     def modules(self) -> int:
         return len(self.biz_names)
+
+    def versioned(self) -> Iterable[tuple[str, str]]:
+        """(bizName, bizVersion) of each module the Pod brings."""
+        versions = self.versions
+        return ((biz, versions[i] if i < len(versions) else "") for i, biz in enumerate(self.biz_names))
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> ModulePod:
         meta = _dict(pod.get("metadata"))
         spec = _dict(pod.get("spec"))
         containers = [c for c in _list(spec.get("containers")) if isinstance(c, dict)]
-        names = tuple(n for n in (c.get("name") for c in containers) if isinstance(n, str))
+        modules = [module_from_container(c) for c in containers if isinstance(c.get("name"), str)]
         ns, name, uid = meta.get("namespace"), meta.get("name"), meta.get("uid")
         node_name = spec.get("nodeName")
         return cls(
             key=f"{ns if isinstance(ns, str) else ''}/{name if isinstance(name, str) else ''}",
             uid=uid if isinstance(uid, str) else "",
-            biz_names=names,
+            biz_names=tuple(m.biz_name for m in modules),
+            versions=tuple(m.biz_version for m in modules),
+            workload=workload(pod),
             memory=_memory_request(containers),
             placement=placement_of(pod),
             base=base_requirement(spec),
@@ -142,6 +159,26 @@ class BaseUsage:
     modules: int = 0
     memory: int = 0
     biz_names: Counter[str] = field(default_factory=Counter)
+    #: bizName -> who holds it here, counted (empty when only counts are known: the Node annotation).
+    holders: dict[str, Counter[Holder]] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> int:
+        """Module slots taken: one per bizName held. A workload's next version installed beside its
+        old one during an in-place upgrade shares the old one's slot until the old Pod goes."""
+        return len(self.biz_names)
+
+    def replaces(self, biz_name: str, of: Workload | None, version: str) -> bool:
+        """Whether a Pod of workload `of` bringing `biz_name` at `version` upgrades (or rolls back) that
+        module in place here, as SOFAArk does: every Pod holding it on this base belongs to that
+        workload, at another version. Never for a Pod no controller owns, never over another
+        workload's module, never beside the same version (two replicas of one revision)."""
+        if of is None:
+            return False
+        held = self.holders.get(biz_name)
+        if not held:
+            return False
+        return all(w == of and v != version for w, v in held)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +188,22 @@ class Placed:
     memory: int
     #: monotonic time the extender bound it; None once the watch shows the Pod bound.
     assumed_at: float | None = None
+    versions: tuple[str, ...] = ()
+    workload: Workload | None = None
+
+    @classmethod
+    def of(cls, pod: ModulePod, node: str, assumed_at: float | None = None) -> Placed:
+        return cls(node, pod.biz_names, pod.memory or 0, assumed_at, pod.versions, pod.workload)
+
+
+def _sole_workload(held: Counter[Holder]) -> Workload | None:
+    """The one workload holding a module on a base, or None (nobody, several, or a bare Pod)."""
+    sole: Workload | None = None
+    for w, _ in held:
+        if w is None or (sole is not None and w != sole):
+            return None
+        sole = w
+    return sole
 
 
 class Usage:
@@ -165,6 +218,10 @@ class Usage:
         self._by_node: dict[str, BaseUsage] = {}
         #: bizName -> bases holding it: the duplicate check as one set intersection.
         self.biz_nodes: dict[str, set[str]] = {}
+        #: bizName -> workload -> bases where only that workload holds it, and (bizName, version) ->
+        #: bases holding that version: the in-place upgrade check as set operations (`upgradable`).
+        self._sole: dict[str, dict[Workload, set[str]]] = {}
+        self._version_nodes: dict[tuple[str, str], set[str]] = {}
         #: Called with a base's name whenever its module count changes.
         self.on_change = on_change
 
@@ -182,6 +239,57 @@ class Usage:
     def placed(self, pod_key: str) -> Placed | None:
         return self._placed.get(pod_key)
 
+    def holding(self, biz_names: Iterable[str]) -> set[str]:
+        """Bases holding any of `biz_names`. Shared when there is one: read it, never change it."""
+        sets = [held for held in map(self.biz_nodes.get, biz_names) if held]
+        if len(sets) == 1:
+            return sets[0]
+        return set().union(*sets)
+
+    def upgradable(self, biz_name: str, of: Workload | None, version: str) -> set[str]:
+        """Bases where `BaseUsage.replaces(biz_name, of, version)` holds. Shared: read it, never change it."""
+        if of is None:
+            return set()
+        sole = self._sole.get(biz_name, {}).get(of)
+        if not sole:
+            return set()
+        same = self._version_nodes.get((biz_name, version))
+        return sole - same if same else sole
+
+    def _hold(self, node: str, usage: BaseUsage, biz_name: str, holder: Holder, delta: int) -> None:
+        held = usage.holders.get(biz_name)
+        if held is None:
+            held = usage.holders[biz_name] = Counter()
+        version = holder[1]
+        before = _sole_workload(held)
+        had_version = any(v == version for _, v in held)
+        held[holder] += delta
+        if held[holder] <= 0:
+            del held[holder]
+        after = _sole_workload(held)
+        has_version = any(v == version for _, v in held)
+        if not held:
+            del usage.holders[biz_name]
+        if before != after:
+            if before is not None:
+                by_workload = self._sole[biz_name]
+                by_workload[before].discard(node)
+                if not by_workload[before]:
+                    del by_workload[before]
+                    if not by_workload:
+                        del self._sole[biz_name]
+            if after is not None:
+                self._sole.setdefault(biz_name, {}).setdefault(after, set()).add(node)
+        if had_version != has_version:
+            key = (biz_name, version)
+            if has_version:
+                self._version_nodes.setdefault(key, set()).add(node)
+            else:
+                nodes = self._version_nodes[key]
+                nodes.discard(node)
+                if not nodes:
+                    del self._version_nodes[key]
+
     def _add(self, key: str, placed: Placed) -> None:
         self._placed[key] = placed
         node = placed.node
@@ -190,10 +298,12 @@ class Usage:
             usage = self._by_node[node] = BaseUsage()
         usage.modules += len(placed.biz_names)
         usage.memory += placed.memory
-        for name in placed.biz_names:
+        versions = placed.versions
+        for i, name in enumerate(placed.biz_names):
             if usage.biz_names[name] <= 0:
                 self.biz_nodes.setdefault(name, set()).add(node)
             usage.biz_names[name] += 1
+            self._hold(node, usage, name, (placed.workload, versions[i] if i < len(versions) else ""), 1)
         if self.on_change is not None:
             self.on_change(node)
 
@@ -205,7 +315,9 @@ class Usage:
         usage = self._by_node[node]
         usage.modules -= len(placed.biz_names)
         usage.memory -= placed.memory
-        for name in placed.biz_names:
+        versions = placed.versions
+        for i, name in enumerate(placed.biz_names):
+            self._hold(node, usage, name, (placed.workload, versions[i] if i < len(versions) else ""), -1)
             usage.biz_names[name] -= 1
             if usage.biz_names[name] <= 0:
                 del usage.biz_names[name]
@@ -224,7 +336,7 @@ class Usage:
         current = self._placed.get(pod.key)
         if pod.is_module and pod.node_name and not pod.terminal:
             self._remove(pod.key)
-            self._add(pod.key, Placed(pod.node_name, pod.biz_names, pod.memory or 0))
+            self._add(pod.key, Placed.of(pod, pod.node_name))
         elif current is not None and current.assumed_at is not None and not pod.terminal:
             # An event from before our binding, delivered late: the binding still stands.
             return
@@ -239,7 +351,7 @@ class Usage:
         """This extender has bound `pod` to `node`; count it until the watch confirms or the TTL ends."""
         self._remove(pod.key)
         at = time.monotonic() if now is None else now
-        self._add(pod.key, Placed(node, pod.biz_names, pod.memory or 0, assumed_at=at))
+        self._add(pod.key, Placed.of(pod, node, assumed_at=at))
 
     def unassume(self, pod_key: str) -> None:
         """Our binding failed: drop the assumption, but never a placement the watch has confirmed."""

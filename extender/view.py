@@ -57,7 +57,8 @@ class ClusterView:
         self._group_failures: dict[Group, dict[str, dict[str, str]]] = {}
         self.not_ready: set[str] = set()
         self.not_vnodes: set[str] = set()
-        #: free module slots (0..SLOT_INDEX-1) -> bases; bases with more, or no limit, are absent.
+        #: free module slots (0..SLOT_INDEX-1, -1 = over capacity) -> bases; bases with more, or no
+        #: limit, are absent. Slots are bizNames held (`BaseUsage.slots`).
         self.slots: dict[int, set[str]] = {}
         self._slot_of: dict[str, int] = {}
         #: allocatable memory minus the module Pods' requests, for bases that state their memory.
@@ -96,8 +97,9 @@ class ClusterView:
         slot: int | None = None
         if base is not None and base.max_modules is not None:
             usage = self.usage.get(name)
-            free = base.max_modules - (usage.modules if usage is not None else 0)
-            slot = max(free, 0) if free < SLOT_INDEX else None
+            free = base.max_modules - (usage.slots if usage is not None else 0)
+            # -1: over capacity already (a smaller limit since, or Pods bound by hand).
+            slot = max(free, -1) if free < SLOT_INDEX else None
         old = self._slot_of.get(name)
         if old == slot:
             return

@@ -76,7 +76,13 @@ def module_pod(
     phase: str = "Pending",
     legacy_label: bool = False,
     extra_expressions: list[dict[str, Any]] | None = None,
+    biz_version: str = "0.0.1-SNAPSHOT",
+    owner: str | None = None,
+    template_hash: str = "",
 ) -> dict[str, Any]:
+    """`owner`: the Pod's controlling owner as `Kind/name`; with `template_hash`, a ReplicaSet
+    `Kind/<deployment>` is named `<deployment>-<hash>` and the Pod labelled `pod-template-hash`,
+    as the Deployment controller does."""
     containers = []
     for biz in bizs:
         resources: dict[str, Any] = {"requests": {keys.RESOURCE_MODULE: "1"}, "limits": {keys.RESOURCE_MODULE: "1"}}
@@ -85,7 +91,7 @@ def module_pod(
         containers.append({
             "name": biz,
             "image": SEED_JAR,
-            "env": [{"name": keys.ENV_BIZ_VERSION, "value": "0.0.1-SNAPSHOT"}],
+            "env": [{"name": keys.ENV_BIZ_VERSION, "value": biz_version}],
             "resources": resources,
         })
     label = keys.LABEL_COMPONENT_LEGACY if legacy_label else keys.LABEL_COMPONENT
@@ -103,14 +109,22 @@ def module_pod(
     }
     if node:
         spec["nodeName"] = node
-    return {
-        "kind": "Pod",
-        "apiVersion": "v1",
-        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{namespace}-{name}",
-                     "labels": {label: keys.COMPONENT_MODULE, "app": name}},
-        "spec": spec,
-        "status": {"phase": phase},
-    }
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": f"uid-{namespace}-{name}",
+                            "labels": {label: keys.COMPONENT_MODULE, "app": name}}
+    if owner is not None:
+        kind, owner_name = owner.split("/", 1)
+        if template_hash:
+            owner_name = f"{owner_name}-{template_hash}"
+            meta["labels"]["pod-template-hash"] = template_hash
+        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": kind, "name": owner_name,
+                                    "uid": f"uid-{owner_name}", "controller": True, "blockOwnerDeletion": True}]
+    return {"kind": "Pod", "apiVersion": "v1", "metadata": meta, "spec": spec, "status": {"phase": phase}}
+
+
+def replica(name: str, deployment: str, template_hash: str, biz_version: str, **kwargs: Any) -> dict[str, Any]:
+    """A Pod of Deployment `deployment`'s ReplicaSet `<deployment>-<template_hash>`."""
+    return module_pod(name, owner=f"ReplicaSet/{deployment}", template_hash=template_hash,
+                      biz_version=biz_version, **kwargs)
 
 
 def plain_pod(name: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from extender.app import Extender, Settings, make_app
 from extender.view import ClusterView
-from tests.unit.extender.samples import module_pod, plain_pod, real_node, vnode
+from tests.unit.extender.samples import module_pod, plain_pod, real_node, replica, vnode
 
 
 class FakeBinder:
@@ -196,6 +196,68 @@ async def test_a_vnode_the_watch_has_not_delivered_yet_is_waited_for(make_client
     view.upsert_node(vnode("virtual-node-new"))
     _, result = await pending
     assert result["NodeNames"] == ["virtual-node-new"]
+
+
+async def test_a_peer_rolling_update_places_each_surge_pod_on_a_base_holding_the_old_version(
+    make_client: Any
+) -> None:
+    """The seed's sample at 3 replicas on 3 full bases, then replaced: maxSurge 1, maxUnavailable 0.
+    Each new-version Pod lands where the old version runs (SOFAArk upgrades in place), never beside
+    its own version, never over another workload's module; rolling back goes the same way."""
+    names = [f"virtual-node-{i}" for i in range(3)]
+    view = synced_view(*(vnode(n, max_modules=1) for n in names))
+    for i, node in enumerate(names):
+        view.observe_pod(replica(f"old-{i}", "sample", "6798ff7d54", "0.0.1", node=node, phase="Running"))
+    binder = FakeBinder()
+    client = await make_client(Extender(view, binder=binder))
+
+    async def schedule(pod: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+        _, result = await post(client, "/filter", {"Pod": pod, "NodeNames": names})
+        passing = result["NodeNames"]
+        if passing:
+            _, scores = await post(client, "/prioritize", {"Pod": pod, "NodeNames": passing})
+            best = max(scores, key=lambda s: s["Score"])["Host"]
+            meta = pod["metadata"]
+            _, bound = await post(client, "/bind", {"PodName": meta["name"], "PodNamespace": meta["namespace"],
+                                                    "PodUID": meta["uid"], "Node": best})
+            assert bound == {"Error": ""}
+        return passing, result["FailedAndUnresolvableNodes"]
+
+    passing, failed = await schedule(replica("new-0", "sample", "5d8f7c9b4", "0.0.2"))
+    assert sorted(passing) == names and failed == {}
+    (first,) = [node for _, node in binder.bound]
+    # The next surge Pod (after the first old replica went): not beside its own version.
+    view.forget_pod(replica("old-" + first[-1], "sample", "6798ff7d54", "0.0.1"))
+    passing, failed = await schedule(replica("new-1", "sample", "5d8f7c9b4", "0.0.2"))
+    assert failed == {first: "base already has module biz1"} and first not in passing
+
+    # Another workload's biz1 (another namespace, same Deployment name) gets no base at all.
+    intruder = replica("b-0", "sample", "5d8f7c9b4", "0.0.3", namespace="team-b")
+    _, failed = await schedule(intruder)
+    assert failed == dict.fromkeys(names, "base already has module biz1")
+
+    # `rollout undo`: the old ReplicaSet's Pods come back onto bases running the new version.
+    second = binder.bound[1][1]
+    view.forget_pod(replica("old-" + second[-1], "sample", "6798ff7d54", "0.0.1"))
+    passing, failed = await schedule(replica("old-9", "sample", "6798ff7d54", "0.0.1"))
+    assert sorted(passing) == sorted({first, second}) and set(failed) == set(names) - {first, second}
+
+
+async def test_bind_refuses_another_workloads_pod_onto_a_base_holding_the_module(make_client: Any) -> None:
+    view = synced_view(vnode("virtual-node-a", max_modules=5))
+    binder = FakeBinder()
+    client = await make_client(Extender(view, binder=binder))
+    ours = replica("new", "sample", "5d8f7c9b4", "0.0.2")
+    theirs = replica("b", "other", "5d8f7c9b4", "0.0.2")
+    for pod in (ours, theirs):  # both filtered before either is bound: the scheduler races
+        _, result = await post(client, "/filter", {"Pod": pod, "NodeNames": ["virtual-node-a"]})
+        assert result["NodeNames"] == ["virtual-node-a"]
+    _, first = await post(client, "/bind", {"PodName": "new", "PodNamespace": "default", "PodUID": "u1",
+                                            "Node": "virtual-node-a"})
+    _, second = await post(client, "/bind", {"PodName": "b", "PodNamespace": "default", "PodUID": "u2",
+                                             "Node": "virtual-node-a"})
+    assert first == {"Error": ""} and "base already has module biz1" in second["Error"]
+    assert binder.bound == [("default/new", "virtual-node-a")]
 
 
 async def test_health_endpoints(make_client: Any) -> None:

@@ -12,7 +12,7 @@ from extender import policy
 from extender.state import ANNOTATION_NODE_MODULES, BaseInfo, ModulePod, Usage
 from extender.view import ClusterView
 from koupleless import keys
-from tests.unit.extender.samples import module_pod, plain_pod, real_node, vnode
+from tests.unit.extender.samples import module_pod, plain_pod, real_node, replica, vnode
 
 
 def run_filter(pod: dict, nodes: list[dict], bound: list[dict] = ()) -> policy.FilterOutcome:  # type: ignore[assignment]
@@ -79,6 +79,125 @@ def test_a_base_already_holding_the_biz_name_is_out() -> None:
     out = run_filter(module_pod("m", bizs=("biz0", "biz1")), nodes, bound)
     assert out.passing == ["virtual-node-b"]
     assert out.failed == {"virtual-node-a": "base already has module biz1"}
+
+
+# --- a workload's next version replaces its own module in place (SOFAArk installs it beside the old one) ---
+
+OLD, NEW = "0.0.1-SNAPSHOT", "0.0.2"
+
+
+def three_full_bases_running_the_seed(max_modules: int = 1) -> tuple[list[dict], list[dict]]:
+    """The seed's sample scaled to 3 on 3 bases, each base full."""
+    nodes = [vnode(f"virtual-node-{i}", max_modules=max_modules) for i in range(3)]
+    bound = [replica(f"old-{i}", "test-module-deployment", "6798ff7d54", OLD, node=f"virtual-node-{i}",
+                     phase="Running") for i in range(3)]
+    return nodes, bound
+
+
+def test_the_next_version_of_the_same_deployment_passes_onto_a_full_base_holding_the_old_one() -> None:
+    nodes, bound = three_full_bases_running_the_seed()
+    surge = replica("new-0", "test-module-deployment", "5d8f7c9b4", NEW)
+    out = run_filter(surge, nodes, bound)
+    # Every base holds biz1 for an older ReplicaSet of the same Deployment, and is at capacity:
+    # the upgrade takes no slot beyond the old version's.
+    assert sorted(out.passing) == ["virtual-node-0", "virtual-node-1", "virtual-node-2"] and out.failed == {}
+
+
+def test_a_rollback_to_the_older_version_passes_onto_a_base_holding_the_newer_one() -> None:
+    nodes = [vnode("virtual-node-0", max_modules=1)]
+    bound = [replica("new-0", "test-module-deployment", "5d8f7c9b4", NEW, node="virtual-node-0", phase="Running")]
+    back = replica("old-9", "test-module-deployment", "6798ff7d54", OLD)
+    assert run_filter(back, nodes, bound).passing == ["virtual-node-0"]
+
+
+def test_another_workload_holding_the_biz_name_blocks_the_base_whatever_the_version() -> None:
+    nodes, bound = three_full_bases_running_the_seed(max_modules=5)
+    for intruder in (replica("b", "team-b", "7f7f7f7f7f", NEW, namespace="default"),
+                     replica("b", "test-module-deployment", "7f7f7f7f7f", NEW, namespace="team-b"),
+                     module_pod("b", biz_version=NEW, owner="StatefulSet/test-module-deployment"),
+                     module_pod("bare", biz_version=NEW)):  # no controller: never an upgrade
+        out = run_filter(intruder, nodes, bound)
+        assert out.passing == [], intruder["metadata"]
+        assert set(out.failed.values()) == {"base already has module biz1"}
+
+
+def test_the_same_version_is_never_put_beside_itself() -> None:
+    # Two replicas of one ReplicaSet, and a newer ReplicaSet's Pod where that version already runs
+    # (a base mid-upgrade holds both versions; the second surge Pod must go elsewhere).
+    nodes, bound = three_full_bases_running_the_seed(max_modules=5)
+    bound.append(replica("new-0", "test-module-deployment", "5d8f7c9b4", NEW, node="virtual-node-0"))
+    out = run_filter(replica("old-3", "test-module-deployment", "6798ff7d54", OLD), nodes, bound)
+    assert out.passing == [] and set(out.failed.values()) == {"base already has module biz1"}
+    out = run_filter(replica("new-1", "test-module-deployment", "5d8f7c9b4", NEW), nodes, bound)
+    assert sorted(out.passing) == ["virtual-node-1", "virtual-node-2"]
+    assert out.failed == {"virtual-node-0": "base already has module biz1"}
+
+
+def test_a_base_mid_upgrade_takes_one_slot_for_both_versions() -> None:
+    nodes = [vnode("virtual-node-0", max_modules=2)]
+    bound = [replica("old-0", "d", "aaaaaaaaaa", OLD, node="virtual-node-0", phase="Running"),
+             replica("new-0", "d", "bbbbbbbbbb", NEW, node="virtual-node-0")]
+    assert run_filter(module_pod("other", bizs=("biz2",)), nodes, bound).passing == ["virtual-node-0"]
+    bound.append(module_pod("third", bizs=("biz3",), node="virtual-node-0"))
+    out = run_filter(module_pod("other", bizs=("biz2",)), nodes, bound)
+    assert out.failed == {"virtual-node-0": "base at module capacity"}
+
+
+def test_a_pod_bringing_an_upgrade_and_a_new_module_needs_one_free_slot() -> None:
+    nodes = [vnode("virtual-node-0", max_modules=2), vnode("virtual-node-1", max_modules=1)]
+    bound = [replica(f"old-{i}", "d", "aaaaaaaaaa", OLD, node=f"virtual-node-{i}", phase="Running")
+             for i in range(2)]
+    pod = replica("new", "d", "bbbbbbbbbb", NEW, bizs=("biz1", "biz2"))
+    out = run_filter(pod, nodes, bound)
+    assert out.passing == ["virtual-node-0"] and out.failed == {"virtual-node-1": "base at module capacity"}
+
+
+def test_other_workloads_of_daemonsets_and_statefulsets_upgrade_by_their_controller() -> None:
+    nodes = [vnode("virtual-node-0", max_modules=1)]
+    for owner in ("DaemonSet/agent", "StatefulSet/db"):
+        bound = [module_pod("old", biz_version=OLD, owner=owner, node="virtual-node-0", phase="Running")]
+        assert run_filter(module_pod("new", biz_version=NEW, owner=owner), nodes, bound).passing == ["virtual-node-0"]
+
+
+def test_a_base_holding_the_module_for_its_workload_and_another_is_out() -> None:
+    usage = Usage()
+    usage.observe(ModulePod.from_pod(replica("old", "d", "aaaaaaaaaa", OLD, node="n")))
+    usage.observe(ModulePod.from_pod(module_pod("stray", biz_version="9", node="n")))  # bound by hand
+    pod = ModulePod.from_pod(replica("new", "d", "bbbbbbbbbb", NEW))
+    assert pod.workload == ("default", "Deployment", "d")
+    base = usage.get("n")
+    assert base is not None and not base.replaces("biz1", pod.workload, NEW)
+    assert usage.upgradable("biz1", pod.workload, NEW) == set()
+    usage.forget("default/stray")
+    assert usage.upgradable("biz1", pod.workload, NEW) == {"n"}
+    assert usage.upgradable("biz1", pod.workload, OLD) == set()
+
+
+def test_the_annotation_alone_never_allows_an_upgrade() -> None:
+    base = BaseInfo.from_node(vnode("a", max_modules=5, annotations={ANNOTATION_NODE_MODULES: "biz1"}))
+    usage = policy.annotated_usage(base)
+    out = policy.filter_pod(ModulePod.from_pod(replica("new", "d", "bbbbbbbbbb", NEW)), [("a", base)],
+                            lambda _name: usage)
+    assert out.failed == {"a": "base already has module biz1"}
+
+
+def test_prioritize_puts_a_base_without_the_module_before_an_in_place_upgrade() -> None:
+    # Spare bases: the surge Pod goes where it adds a replica, not where it replaces one.
+    nodes, bound = three_full_bases_running_the_seed(max_modules=5)
+    nodes.append(vnode("virtual-node-spare", max_modules=5))
+    bound += [module_pod(f"busy-{b}", bizs=(b,), node="virtual-node-spare") for b in ("x", "y", "z")]
+    surge = replica("new-0", "test-module-deployment", "5d8f7c9b4", NEW)
+    for strategy in policy.STRATEGIES:
+        got = scores(surge, nodes, bound, strategy)
+        assert got["virtual-node-spare"] == policy.MAX_SCORE
+        assert max(v for n, v in got.items() if n != "virtual-node-spare") < policy.MAX_SCORE
+
+
+def test_prioritize_spreads_in_place_upgrades_like_any_placement_when_every_base_holds_the_module() -> None:
+    nodes, bound = three_full_bases_running_the_seed(max_modules=5)
+    bound.append(module_pod("busy", bizs=("x",), node="virtual-node-0"))
+    got = scores(replica("new-0", "test-module-deployment", "5d8f7c9b4", NEW), nodes, bound, "spread")
+    assert got["virtual-node-1"] == got["virtual-node-2"] == policy.MAX_SCORE > got["virtual-node-0"]
 
 
 def test_memory_headroom_where_both_pod_and_base_give_it() -> None:
@@ -168,7 +287,12 @@ def scores(pod: dict, nodes: list[dict], bound: list[dict], strategy: policy.Str
     for p in bound:
         usage.observe(ModulePod.from_pod(p))
     bases = {n["metadata"]["name"]: BaseInfo.from_node(n) for n in nodes}
-    return dict(policy.prioritize_pod(ModulePod.from_pod(pod), list(bases), bases.get, usage.get, strategy))
+    module = ModulePod.from_pod(pod)
+    got = dict(policy.prioritize_pod(module, list(bases), bases.get, usage.get, strategy))
+    # The app hands over the indexed holders of the Pod's bizNames: the same scores.
+    indexed = policy.prioritize_pod(module, list(bases), bases.get, usage.get, strategy, usage.holding(module.biz_names))
+    assert dict(indexed) == got
+    return got
 
 
 def test_spread_prefers_fewest_modules_then_most_free_memory() -> None:
@@ -228,15 +352,21 @@ def clusters(draw: st.DrawFn) -> tuple[ClusterView, dict, list[str]]:
                                base=draw(st.sampled_from(["base", "other"])), ready=draw(st.booleans()),
                                max_modules=draw(st.none() | st.integers(0, 3)),
                                memory=draw(st.none() | st.sampled_from(["512Mi", "2Gi"]))))
+    # Mostly one Deployment, mostly at another version than the Pod's: in-place upgrades are common.
+    owners = st.sampled_from([None, "ReplicaSet/d", "ReplicaSet/d", "ReplicaSet/d", "ReplicaSet/e", "DaemonSet/d"])
     for j in range(draw(st.integers(0, 15))):
         view.observe_pod(module_pod(f"p{j}", bizs=tuple(draw(st.lists(st.sampled_from(["b1", "b2", "b3"]),
                                                                       min_size=1, max_size=2, unique=True))),
                                     node=f"v{draw(st.integers(0, max(n - 1, 0)))}",
-                                    memory=draw(st.none() | st.just("256Mi")), phase="Running"))
+                                    memory=draw(st.none() | st.just("256Mi")), phase="Running",
+                                    owner=draw(owners), template_hash=draw(st.sampled_from(["h1", "h2"])),
+                                    biz_version=draw(st.sampled_from(["1", "1", "2"]))))
     pod = module_pod("m", bizs=tuple(draw(st.lists(st.sampled_from(["b1", "b2", "b4"]), min_size=1, max_size=3,
                                                    unique=True))),
                      versions=tuple(draw(st.lists(st.sampled_from(["1.1.1", "2", "3"]), min_size=1, max_size=2))),
-                     memory=draw(st.none() | st.sampled_from(["256Mi", "1Gi"])))
+                     memory=draw(st.none() | st.sampled_from(["256Mi", "1Gi"])),
+                     owner=draw(owners), template_hash=draw(st.sampled_from(["h1", "h2"])),
+                     biz_version=draw(st.sampled_from(["1", "2", "2"])))
     names = draw(st.lists(st.sampled_from([f"v{i}" for i in range(n + 2)] + ["worker"]), unique=True))
     return view, pod, names
 
@@ -256,6 +386,39 @@ def test_the_indexed_filter_answers_exactly_like_the_per_node_filter(case: tuple
     view, raw_pod, names = case
     pod = ModulePod.from_pod(raw_pod)
     assert_indexed_answers_like_per_node(pod, names, view)
+
+
+@st.composite
+def rollouts(draw: st.DrawFn) -> tuple[ClusterView, dict, list[str]]:
+    """Bases that all match, mid-rollout: Pods of a few workloads at a few versions, some bases
+    holding two versions of one workload, capacities from over-full to roomy."""
+    view = ClusterView()
+    n = draw(st.integers(1, 6))
+    for i in range(n):
+        view.upsert_node(vnode(f"v{i}", max_modules=draw(st.none() | st.integers(0, 3))))
+    # Mostly one Deployment: most bases hold its module, at the Pod's version or another.
+    workloads = st.sampled_from([None, "ReplicaSet/d", "ReplicaSet/d", "ReplicaSet/d", "ReplicaSet/e", "StatefulSet/d"])
+    for j in range(draw(st.integers(0, 12))):
+        view.observe_pod(module_pod(f"p{j}", bizs=tuple(draw(st.lists(st.sampled_from(["biz1", "biz2"]), min_size=1,
+                                                                      max_size=2, unique=True))),
+                                    node=f"v{draw(st.integers(0, n - 1))}", phase="Running", owner=draw(workloads),
+                                    template_hash=draw(st.sampled_from(["h1", "h2"])),
+                                    biz_version=draw(st.sampled_from(["1", "1", "2"]))))
+    pod = module_pod("m", bizs=tuple(draw(st.lists(st.sampled_from(["biz1", "biz2", "biz3"]), min_size=1, max_size=3,
+                                                   unique=True))),
+                     owner=draw(workloads), template_hash=draw(st.sampled_from(["h1", "h2"])),
+                     biz_version=draw(st.sampled_from(["1", "2", "2"])))
+    names = draw(st.lists(st.sampled_from([f"v{i}" for i in range(n)]), unique=True, min_size=1))
+    return view, pod, names
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=rollouts())
+def test_in_place_upgrades_get_the_same_answer_from_the_indexed_and_the_per_node_filter(
+    case: tuple[ClusterView, dict, list[str]]
+) -> None:
+    view, raw_pod, names = case
+    assert_indexed_answers_like_per_node(ModulePod.from_pod(raw_pod), names, view)
 
 
 def test_placement_on_other_labels_takes_the_per_node_path() -> None:

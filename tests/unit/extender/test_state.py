@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from extender.quantity import format_bytes, parse_quantity, quantity_bytes
 from extender.state import ModulePod, Usage
 from tests.unit.extender.samples import module_pod
@@ -56,3 +59,31 @@ def test_quantities() -> None:
     assert format_bytes(3 * 2**30) == "3Gi"
     assert format_bytes(5 * 10**8) == "500M"
     assert format_bytes(1234) == "1234"
+
+
+@settings(max_examples=300, deadline=None)
+@given(moves=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["a", "b", "c", ""]),
+                                st.sampled_from([None, "ReplicaSet/d", "ReplicaSet/e", "StatefulSet/d"]),
+                                st.sampled_from(["h1", "h2"]), st.sampled_from(["1", "2"])), max_size=25))
+def test_the_upgrade_index_agrees_with_the_holders_of_every_base(
+    moves: list[tuple[int, str, str | None, str, str]]
+) -> None:
+    """`Usage.upgradable` (set operations, for the indexed filter) answers as `BaseUsage.replaces`
+    (the per-node filter) after any sequence of Pods bound, moved, upgraded and gone."""
+    usage = Usage()
+    for pod_no, node, owner, template_hash, version in moves:
+        pod = ModulePod.from_pod(module_pod(f"p{pod_no}", node=node or None, owner=owner, template_hash=template_hash,
+                                            biz_version=version, phase="Running"))
+        usage.observe(pod)
+    nodes = {"a", "b", "c"}
+    for owner in (None, "ReplicaSet/d", "ReplicaSet/e", "StatefulSet/d"):
+        for template_hash in ("h1", "h2"):
+            incoming = ModulePod.from_pod(module_pod("x", owner=owner, template_hash=template_hash))
+            for version in ("1", "2"):
+                expected = {n for n in nodes
+                            if (u := usage.get(n)) is not None and u.replaces("biz1", incoming.workload, version)}
+                assert usage.upgradable("biz1", incoming.workload, version) == expected
+    for pod_no in range(6):
+        usage.forget(f"default/p{pod_no}")
+    assert len(usage) == 0 and usage.biz_nodes == {}
+    assert usage._sole == {} and usage._version_nodes == {}
