@@ -77,8 +77,15 @@ class ControlPlane:
         return self
 
     def stop(self) -> None:
-        for name in reversed(list(self.processes)):
-            self.processes[name].stop()
+        # Everything that talks to etcd stops at once (one by one, each allowed its 10 s of graceful
+        # shutdown, a loaded machine took over a minute), then etcd.
+        clients = [p for name, p in self.processes.items() if name != "etcd"]
+        for proc in clients:
+            proc.terminate()
+        for proc in clients:
+            proc.wait_stopped()
+        if "etcd" in self.processes:
+            self.processes["etcd"].stop()
         self.processes.clear()
         if not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -185,7 +192,23 @@ class ControlPlane:
         sa_key = pki.new_key()
         pki.write_file(d / "sa.key", pki.key_pem(sa_key), private=True)
         pki.write_file(d / "sa.pub", pki.public_key_pem(sa_key))
+        # kube-apiserver -> kubelet (here: the provider's kubelet API for virtual Nodes), as kubeadm
+        # sets it up: the apiserver's client certificate and the kubelets' serving certificate both
+        # come from the cluster CA, and the apiserver verifies the kubelet's (--kubelet-certificate-
+        # authority). system:masters lets the kubelet's SubjectAccessReview for nodes/proxy pass.
+        pki.issue(self.ca, "kube-apiserver-kubelet-client", organizations=["system:masters"], days=30,
+                  server=False, client=True).write(d / "apiserver-kubelet-client.crt", d / "apiserver-kubelet-client.key")
+        pki.issue(self.ca, "koupleless-provider-kubelet", dns_names=["localhost"], ips=["127.0.0.1"], days=30).write(
+            d / "kubelet-serving.crt", d / "kubelet-serving.key")
         self.pki_dir = d
+
+    def kubelet_args(self, port: int) -> list[str]:
+        """`module-controller provider` flags that serve the kubelet API of its virtual Nodes to this
+        kube-apiserver on 127.0.0.1:`port` (for kubectl logs / exec on module Pods)."""
+        d = self.pki_dir
+        return ["--kubelet-port", str(port), "--kubelet-address", "127.0.0.1", "--kubelet-bind-address", "127.0.0.1",
+                "--kubelet-client-ca", str(d / "ca.crt"), "--kubelet-tls-cert", str(d / "kubelet-serving.crt"),
+                "--kubelet-tls-key", str(d / "kubelet-serving.key")]
 
     def _admin_ssl(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
@@ -243,6 +266,9 @@ class ControlPlane:
                 f"--tls-cert-file={d / 'apiserver.crt'}",
                 f"--tls-private-key-file={d / 'apiserver.key'}",
                 f"--client-ca-file={d / 'ca.crt'}",
+                f"--kubelet-client-certificate={d / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={d / 'apiserver-kubelet-client.key'}",
+                f"--kubelet-certificate-authority={d / 'ca.crt'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={d / 'sa.pub'}",
                 f"--service-account-signing-key-file={d / 'sa.key'}",

@@ -98,11 +98,22 @@ class ManagedProcess:
         raise StartError(self.name, f"not ready after {timeout:.0f}s", self.log_path)
 
     def stop(self, timeout: float = 10.0) -> None:
+        self.terminate()
+        self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
+        """Ask the process group to stop (SIGTERM) without waiting: several can stop at once."""
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 10.0) -> None:
+        """Wait for a terminated process; SIGKILL it after `timeout`."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

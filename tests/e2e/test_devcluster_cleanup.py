@@ -58,7 +58,7 @@ def test_interrupt_leaves_no_process_behind(sig: signal.Signals) -> None:
         assert all(_alive(p) for p in pids.values())
 
         child.send_signal(sig)
-        child.wait(60)
+        child.wait(180)  # a graceful stop on a loaded machine; what matters is that nothing is left
         leftover = wait_until(
             lambda: not [n for n, p in pids.items() if _alive(p)] or None, timeout=30,
             what="every control-plane and broker process to exit",
