@@ -134,7 +134,7 @@ class NodeReconciler:
             if retry is not None:
                 return retry
             self.on_owned(base)
-        elif now - base.lease_renewed_at >= self.opts.lease_renew_interval * 0.8:
+        elif now - base.lease_renewed_at >= self.opts.lease_renew_interval * 0.85:
             if not await self._renew_lease(base):
                 return 0.05  # lost it: look at who holds it now
         node = self.nodes.get(name)
@@ -142,8 +142,9 @@ class NodeReconciler:
             node = await self._create_node(base)
         if node is not None:
             await self._update_node(base, node)
-        # The next renewal, with jitter so a fleet registered in one burst spreads out over rounds.
-        due = base.lease_renewed_at + self.opts.lease_renew_interval * random.uniform(0.8, 1.0)
+        # The next renewal, with jitter so a fleet registered in one burst spreads out over rounds;
+        # on average once per interval, as kubelet renews (6 writes a minute at 10 s).
+        due = base.lease_renewed_at + self.opts.lease_renew_interval * random.uniform(0.9, 1.1)
         return max(0.05, due - time.monotonic())
 
     async def _create_node(self, base: BaseState) -> dict[str, Any] | None:
