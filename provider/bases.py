@@ -299,8 +299,8 @@ class BaseRegistry:
             # Only an uninstall we asked for takes the module off our books: a replayed or stray
             # reply says nothing about now (the inventory it prompts does).
             base.bizs.pop(op.key, None)
+        # The listener decides which Pods this concerns (the one waiting for it, else all on the base).
         self.listener.operation_replied(base, op)
-        self.listener.modules_changed(base)
 
     # --- liveness ---------------------------------------------------------------------------------
 

@@ -347,12 +347,19 @@ class PodReconciler:
         log.debug("%s %s on %s: %s (for %s)", op.command, op.key, base.base_id, op.code, pod_key or "nobody")
         rec = self.records.get(pod_key) if pod_key else None
         pod = self.pods.get(pod_key) if pod_key else None
-        if rec is not None and pod is not None:
+        if rec is not None and pod is not None and pod_key:
             self._settle(pod, rec, base, op)
-        elif not pod_key:
-            self.commands.request_inventory(base)  # a reply nobody waits for: look at what is true
+            self.queue.add(pod_key)
+        else:
+            self.enqueue_node(base.node_name)
+            if not pod_key:
+                self.commands.request_inventory(base)  # a reply nobody waits for: look at what is true
         if op.command == arklet.CMD_INSTALL_BIZ and op.success and base.owned:
             self.sweep(base)  # an install that lands after its Pod went is taken off again
+            if any(b.name == op.biz_name and b.key != op.installed_key for b in base.bizs.values()):
+                # Another version of it is there (an upgrade in place): the base has just changed its
+                # state, and only its module list says how.
+                self.commands.request_inventory(base)
 
     def _settle(self, pod: dict[str, Any], rec: PodRecord, base: BaseState, op: arklet.BizOperation) -> None:
         for name, pend in list(rec.pending.items()):

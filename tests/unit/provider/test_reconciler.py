@@ -247,3 +247,29 @@ async def test_phase_never_goes_back_while_a_restarted_base_reinstalls() -> None
     await rig.settle()
     assert ready(rig.pod("p"))
     assert "Pending" not in rig.phases("p")[rig.phases("p").index("Running"):]
+
+
+def owned_by(rig: Rig, name: str, replicaset: str, template_hash: str) -> None:
+    meta = rig.pod(name)["metadata"]
+    meta["labels"]["pod-template-hash"] = template_hash
+    meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": replicaset, "uid": replicaset,
+                                "controller": True}]
+
+
+async def test_next_version_of_the_same_deployment_upgrades_in_place_another_workload_is_refused() -> None:
+    rig = Rig()
+    rig.online()
+    rig.add_pod("old")
+    owned_by(rig, "old", "web-aaa", "aaa")
+    await rig.settle()
+    rig.reply(INSTALL, "biz1", "0.0.1")
+    await rig.settle()
+    rig.add_pod("new", image=URL2, version="0.0.2")
+    owned_by(rig, "new", "web-bbb", "bbb")  # the Deployment's next ReplicaSet
+    await rig.settle()
+    assert rig.pod("new")["status"]["phase"] != "Failed"
+    assert [c["bizVersion"] for c in rig.tunnel.commands(INSTALL)] == ["0.0.1", "0.0.2"]
+    rig.add_pod("other", image=URL2, version="0.0.2")
+    owned_by(rig, "other", "team-b-ccc", "ccc")  # another Deployment's module of the same name
+    await rig.settle()
+    assert rig.pod("other")["status"]["reason"] == "ModuleConflict"
