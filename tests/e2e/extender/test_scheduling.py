@@ -138,6 +138,28 @@ def test_spread_puts_three_modules_on_three_bases(
     assert sorted(nodes) == sorted(names)
 
 
+def test_a_module_asking_more_memory_than_any_base_has_shows_kube_schedulers_own_reason(
+    control_plane: ControlPlane, extender: RunningExtender, vnodes: VirtualNodes, namespace: str
+) -> None:
+    """kube-scheduler's NodeResourcesFit filter runs before extenders and drops those bases first,
+    so the reason is its own `Insufficient memory`, as the README says (the extender's
+    `base memory below ... requested` shows only in a profile without that filter)."""
+    base = f"base-{namespace}"
+    vnodes.add_many([f"virtual-node-{namespace}-{i}" for i in range(3)], base=base, memory="4Gi")
+    pod = module_pod("big", namespace, biz="biz1", base=base)
+    pod["spec"]["containers"][0]["resources"]["requests"]["memory"] = "64Gi"
+    apply(control_plane, pod)
+    # (Nodes other tests of the session left behind may add reasons of their own.)
+    expected = re.compile(r"0/\d+ nodes are available: (.+, )?3 Insufficient memory[,.]")
+    message = wait_until(lambda: next((m for m in failed_scheduling(control_plane, namespace, "big")
+                                       if expected.match(m)), None),
+                         timeout=60, what=f"FailedScheduling for big: {expected.pattern}")
+    assert "base memory below" not in message
+    described = control_plane.kubectl("describe", "pod", "big", "-n", namespace).stdout
+    assert "3 Insufficient memory" in described
+    assert not pods_by_name(control_plane, namespace)["big"]["spec"].get("nodeName")
+
+
 def test_malformed_extender_args_get_a_clear_error_and_serving_goes_on(
     control_plane: ControlPlane, extender: RunningExtender, vnodes: VirtualNodes, namespace: str
 ) -> None:
