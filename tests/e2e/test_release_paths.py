@@ -4,6 +4,7 @@ scheduler, Pods that are not modules, and a Node an operator deletes."""
 
 from __future__ import annotations
 
+import sys
 import time
 import urllib.request
 import uuid
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from devcluster.processes import ManagedProcess, free_port
 from devcluster.stack import DevStack, StackOptions
 from koupleless import keys
 from tests.e2e.phasewatch import PhaseWatch
@@ -216,3 +218,123 @@ def test_deleted_node_of_a_shut_down_base_stays_deleted_until_it_heartbeats(stac
                what="the Node back once its base heartbeats")
     log = Path(stack.components["provider"].log_path).read_text(errors="replace")
     assert "Traceback" not in log
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "manifests" / "samples" / "module-deployment.yaml"
+DEPLOY = "deployment/test-module-deployment"
+SAMPLE_JAR_2 = ("https://serverless-opensource.oss-cn-shanghai.aliyuncs.com/module-packages/stable/"
+                "biz1-web-single-host-0.0.2-SNAPSHOT-ark-biz.jar")
+
+
+def versions_on_bases(stack: DevStack, name: str = "biz1") -> dict[str, list[str]]:
+    """Versions of module `name` each base holds, ACTIVATED or not."""
+    return {b: sorted(m["version"] for m in v["modules"] if m["name"] == name) for b, v in bases(stack).items()}
+
+
+def test_peer_rolling_update_of_the_seed_sample_completes_and_rolls_back(stack: DevStack) -> None:
+    kubectl = stack.plane.kubectl
+    before = {b: v["installs"] for b, v in bases(stack).items()}
+    kubectl("apply", "-f", str(SAMPLE))  # the seed's sample, unchanged
+    try:
+        kubectl("scale", DEPLOY, "-n", "default", "--replicas=3")
+        wait_until(lambda: versions_on_bases(stack) == {b: ["0.0.1-SNAPSHOT"] for b in before}
+                   and len([p for p in stack.sample_pods() if ready(p)]) == 3, 120,
+                   what="3 replicas, one on each of the 3 bases")
+        # replace, as README says: the jar and its version in one rollout
+        kubectl("rollout", "pause", DEPLOY, "-n", "default")
+        warned = kubectl("set", "image", DEPLOY, "-n", "default", f"biz1={SAMPLE_JAR_2}")
+        assert "BIZ_VERSION 0.0.1-SNAPSHOT" in warned.stderr and "0.0.2-SNAPSHOT" in warned.stderr, warned.stderr
+        kubectl("set", "env", DEPLOY, "-n", "default", "-c", "biz1", "BIZ_VERSION=0.0.2-SNAPSHOT")
+        kubectl("rollout", "resume", DEPLOY, "-n", "default")
+        kubectl("rollout", "status", DEPLOY, "-n", "default", "--timeout=240s", timeout=260)
+        wait_until(lambda: versions_on_bases(stack) == {b: ["0.0.2-SNAPSHOT"] for b in before}, 90,
+                   what="every base runs only 0.0.2-SNAPSHOT")
+        kubectl("rollout", "undo", DEPLOY, "-n", "default", "--to-revision=1")
+        kubectl("rollout", "status", DEPLOY, "-n", "default", "--timeout=240s", timeout=260)
+        wait_until(lambda: versions_on_bases(stack) == {b: ["0.0.1-SNAPSHOT"] for b in before}, 90,
+                   what="every base back on only 0.0.1-SNAPSHOT")
+        after = bases(stack)
+        # each base installed 0.0.1, 0.0.2, then 0.0.1 again: once each, nothing repeated
+        assert {b: v["installs"] - before[b] for b, v in after.items()} == {b: 3 for b in before}
+        assert all(v["repeats"] == 0 for v in after.values())
+    finally:
+        kubectl("delete", DEPLOY, "-n", "default", "--wait=true", check=False, timeout=120)
+    wait_until(lambda: not stack.sample_pods() and all(v == [] for v in versions_on_bases(stack).values()), 90,
+               what="offline: Pods gone, modules uninstalled")
+
+
+MODULE_DAEMONSET = """
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: biz1-everywhere, namespace: {ns}}}
+spec:
+  selector: {{matchLabels: {{app: biz1-everywhere}}}}
+  template:
+    metadata:
+      labels: {{app: biz1-everywhere, module-controller.koupleless.io/component: module}}
+    spec:
+      containers:
+      - name: biz1
+        image: {jar}
+        env: [{{name: BIZ_VERSION, value: {version}}}]
+      affinity:
+        nodeAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+            nodeSelectorTerms:
+            - matchExpressions:
+              - {{key: base.koupleless.io/name, operator: In, values: [base]}}
+              - {{key: base.koupleless.io/version, operator: In, values: [1.1.1]}}
+"""
+
+
+def test_module_daemonset_one_per_matching_base_rolls_survives_drain_and_goes_offline(stack: DevStack,
+                                                                                       ns: str) -> None:
+    kubectl = stack.plane.kubectl
+    matching = sorted(bases(stack))
+    # one more base, of another version: the DaemonSet must leave it alone
+    other_port = free_port()
+    other = ManagedProcess("base-sim-2", [
+        sys.executable, "-m", "koupleless.cli", "base-sim", "--mqtt-broker", stack.broker.address, "--env",
+        stack.options.env, "--count", "1", "--version", "2.0.0", "--id-prefix", f"other-{ns}-",
+        "--status-port", str(other_port)], stack.workdir / "logs" / f"base-sim-{ns}.log").start()
+    try:
+        wait_until(lambda: len(stack.ready_vnodes()) == len(matching) + 1, 90, what="the 2.0.0 base's Node Ready")
+        # written like the seed's Deployment template, without even the toleration: the webhook adds it
+        kubectl("apply", "-f", "-", input=MODULE_DAEMONSET.format(ns=ns, jar=JAR_1, version="0.0.1-SNAPSHOT"))
+
+        def one_per_base(version: str) -> list[dict[str, Any]] | None:
+            items = [p for p in pods(stack, ns) if not p["metadata"].get("deletionTimestamp")]
+            good = [p for p in items if ready(p) and p["spec"]["containers"][0]["env"][0]["value"] == version]
+            on = sorted(p["spec"]["nodeName"] for p in good)
+            if on != [keys.vnode_name(b) for b in matching] or len(items) != len(matching):
+                return None
+            return items if versions_on_bases(stack) == {b: [version] for b in matching} else None
+
+        wait_until(lambda: one_per_base("0.0.1-SNAPSHOT"), 120, what="one biz1 Pod Running on each 1.1.1 base")
+        assert all(m["name"] != "biz1" for v in bases_of(other_port).values() for m in v["modules"])
+
+        # a template change rolls to every base
+        kubectl("set", "image", "daemonset/biz1-everywhere", "-n", ns, f"biz1={JAR_2}")
+        kubectl("set", "env", "daemonset/biz1-everywhere", "-n", ns, "-c", "biz1", "BIZ_VERSION=0.0.2-SNAPSHOT")
+        kubectl("rollout", "status", "daemonset/biz1-everywhere", "-n", ns, "--timeout=240s", timeout=260)
+        wait_until(lambda: one_per_base("0.0.2-SNAPSHOT"), 120, what="0.0.2-SNAPSHOT on every 1.1.1 base")
+
+        # drain: DaemonSet Pods are ignored, as Kubernetes defines --ignore-daemonsets; the drain completes
+        drained = keys.vnode_name(matching[0])
+        kubectl("drain", drained, "--ignore-daemonsets", "--timeout=120s", timeout=150)
+        try:
+            assert kjson(stack, "get", "node", drained)["spec"].get("unschedulable") is True
+            assert one_per_base("0.0.2-SNAPSHOT"), "the module on the drained base stays, as a DaemonSet's does"
+        finally:
+            kubectl("uncordon", drained)
+
+        delete_without_force(stack, ns, "daemonset", "biz1-everywhere")
+        wait_until(lambda: not pods(stack, ns) and all(v == [] for v in versions_on_bases(stack).values()), 90,
+                   what="deleting the DaemonSet uninstalls it everywhere")
+    finally:
+        other.stop()
+
+
+def bases_of(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/bases", timeout=5) as resp:
+        return dict(orjson.loads(resp.read())["bases"])
