@@ -179,7 +179,9 @@ class DevStack:
             self._cli("provider", "--kubeconfig", str(self._component_kubeconfig("module-controller-provider")),
                       "--mqtt-broker", self.broker.address,
                       "--env", self.options.env, "--max-modules", str(self.options.max_modules),
-                      "--http-host", "127.0.0.1", "--http-port", str(port)),
+                      "--http-host", "127.0.0.1", "--http-port", str(port),
+                      # kubectl logs / exec on module Pods: kube-apiserver calls the provider.
+                      *self.plane.kubelet_args(free_port())),
         )
         proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=30)
 
@@ -260,6 +262,7 @@ class DevStack:
             "  # the module's Deployment and Pods",
             "  kubectl get deployment test-module-deployment",
             "  kubectl get pods -o wide",
+            f"  kubectl logs {pod['metadata']['name']}   # the module's install history and state",
             "",
             "  # Checking Module Status (seed): the modules on one base, by its IP or by its node name",
             f"  kubectl get pod -n default --field-selector status.podIP={ip}",

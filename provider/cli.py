@@ -14,7 +14,7 @@ from koupleless import keys, runtime
 from koupleless.http import add_health_routes
 from koupleless.kube.client import KubeClient
 from koupleless.kube.config import KubeConfigError
-from provider import vnode
+from provider import kubelet_api, vnode
 from provider.controller import Provider, ProviderOptions
 from provider.tunnel import add_broker_arguments, broker_from_args
 from provider.vnode import NodeOptions
@@ -62,18 +62,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "second (every base's Lease every 10 s), and each module install two Events and a status write: with "
         "more than ~500 bases raise it, or status writes wait in this limiter behind renewals",
     )
+    g = parser.add_argument_group("kubelet API (kubectl logs / exec on module Pods)")
+    g.add_argument(
+        "--kubelet-port", type=int, default=kubelet_api.DEFAULT_PORT,
+        help="serve the kubelet API of every virtual Node on this port over TLS: kube-apiserver calls it for "
+        "kubectl logs, exec, attach and port-forward (the Nodes' daemonEndpoints port; 0: off, the Nodes name "
+        "the bases' own hosts; default 10250)",
+    )
+    g.add_argument(
+        "--kubelet-address", metavar="HOST",
+        help="the address kube-apiserver dials for every virtual Node (their Hostname address): in a cluster "
+        "the provider Service's DNS name, or its ClusterIP where kube-apiserver does not use cluster DNS; "
+        "locally 127.0.0.1 (default: this host's name)",
+    )
+    g.add_argument("--kubelet-bind-address", default="0.0.0.0", metavar="ADDRESS",
+                   help="address the kubelet API listens on (default 0.0.0.0)")
+    g.add_argument("--kubelet-tls-cert", metavar="FILE",
+                   help="its serving certificate (PEM), reloaded on change; names --kubelet-address when "
+                   "kube-apiserver verifies kubelets (--kubelet-certificate-authority). Default: a self-signed "
+                   "one made at start")
+    g.add_argument("--kubelet-tls-key", metavar="FILE", help="the serving certificate's private key (PEM)")
+    g.add_argument(
+        "--kubelet-client-ca", metavar="FILE",
+        help="CA bundle that signed kube-apiserver's --kubelet-client-certificate: only clients with a "
+        f"certificate from it are served. Default: {kubelet_api.IN_CLUSTER_CA} when present (the cluster "
+        "CA, which signs it on kubeadm clusters); with none, the kubelet API is off",
+    )
+    g.add_argument(
+        "--kubelet-authorization", choices=["webhook", "alwaysallow"], default="webhook",
+        help="webhook: ask the API server with a SubjectAccessReview whether the client may <verb> nodes/proxy "
+        "of the Pod's Node, as kubelet's --authorization-mode=Webhook (needs create on "
+        "subjectaccessreviews); alwaysallow: every client the CA vouches for (default webhook)",
+    )
     parser.add_argument("--http-host", default="0.0.0.0", help="address for /healthz /readyz /metrics")
     parser.add_argument("--http-port", type=int, default=8081, help="port for /healthz /readyz /metrics (0: off)")
     runtime.add_logging_arguments(parser)
 
 
+def kubelet_settings(args: argparse.Namespace) -> kubelet_api.KubeletSettings | None:
+    """The kubelet API to serve, or None: --kubelet-port 0, or no CA to authenticate kube-apiserver
+    with (serving it to anyone would hand out every module's history, so it stays off)."""
+    if not getattr(args, "kubelet_port", 0):
+        return None
+    client_ca = args.kubelet_client_ca
+    if client_ca is None and os.path.exists(kubelet_api.IN_CLUSTER_CA):
+        client_ca = kubelet_api.IN_CLUSTER_CA
+    if client_ca is None:
+        return None
+    return kubelet_api.KubeletSettings(
+        port=args.kubelet_port, address=args.kubelet_address or socket.gethostname(), client_ca=client_ca,
+        bind=args.kubelet_bind_address, cert_file=args.kubelet_tls_cert, key_file=args.kubelet_tls_key,
+        authorization=args.kubelet_authorization,
+    )
+
+
 def options_from_args(args: argparse.Namespace) -> ProviderOptions:
     identity = args.identity or os.environ.get("POD_NAME") or socket.gethostname()
+    kubelet = kubelet_settings(args)
     return ProviderOptions(
         env=args.env,
         identity=identity,
         node=NodeOptions(env=args.env, max_pods=args.max_pods, max_modules=args.max_modules, env_taint=args.env_taint,
-                         lease_duration_s=args.lease_duration),
+                         lease_duration_s=args.lease_duration,
+                         kubelet_address=kubelet.address if kubelet else "", kubelet_port=kubelet.port if kubelet else 0),
         lease_renew_interval=args.lease_duration / 4,
         heartbeat_interval=args.heartbeat_interval,
         missed_heartbeats=args.missed_heartbeats,
@@ -96,7 +147,20 @@ def run(args: argparse.Namespace) -> int:
     if args.lease_duration < 4:
         log.error("--lease-duration %s: at least 4 seconds (the Lease is renewed every quarter of it)", args.lease_duration)
         return 2
+    if bool(args.kubelet_tls_cert) != bool(args.kubelet_tls_key):
+        log.error("--kubelet-tls-cert and --kubelet-tls-key go together: give both, or neither for a self-signed one")
+        return 2
     opts = options_from_args(args)
+    kubelet = kubelet_settings(args)
+    if kubelet is not None:
+        for flag, path in (("--kubelet-client-ca", kubelet.client_ca), ("--kubelet-tls-cert", kubelet.cert_file),
+                           ("--kubelet-tls-key", kubelet.key_file)):
+            if path and not os.access(path, os.R_OK):
+                log.error("%s %s: no such file, or not readable", flag, path)
+                return 2
+    if args.kubelet_port and kubelet is None:
+        log.warning("kubelet API off: no --kubelet-client-ca (and no %s) to authenticate kube-apiserver with; "
+                    "kubectl logs / exec on module Pods will not reach this provider", kubelet_api.IN_CLUSTER_CA)
 
     async def main(stop: asyncio.Event) -> int:
         try:
@@ -105,6 +169,16 @@ def run(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return 2
         provider = Provider(kube, broker, opts)
+        kubelet_server = None
+        if kubelet is not None:
+            kubelet_server = kubelet_api.KubeletServer(kubelet, kubelet_api.Sources(
+                kube, cached_pod=provider.pods.get, base_for_node=provider.registry.for_node))
+            try:
+                await kubelet_server.start()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.error("kubelet API on %s:%d: %s", kubelet.bind, kubelet.port, exc)
+                await kube.close()
+                return 2
         runner = None
         if args.http_port:
             app = web.Application()
@@ -121,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             starting.cancel()
         await provider.stop()
+        if kubelet_server:
+            await kubelet_server.stop()
         if runner:
             await runner.cleanup()
         await kube.close()

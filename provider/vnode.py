@@ -25,6 +25,10 @@ class NodeOptions:
     default_cpu: str = "4"
     #: Lease duration: a standby replica takes a base over this long after its holder's last renewal.
     lease_duration_s: int = LEASE_DURATION_S
+    #: The provider's kubelet API (provider/kubelet_api.py) as kube-apiserver should dial it for
+    #: every virtual Node; "" / 0 when it serves none (the Node then names the base's own host).
+    kubelet_address: str = ""
+    kubelet_port: int = 0
 
 
 def node_labels(base: BaseState, opts: NodeOptions) -> dict[str, str]:
@@ -108,15 +112,25 @@ def node_conditions(base: BaseState, old: dict[str, Any] | None, now: str) -> li
 def node_status(base: BaseState, opts: NodeOptions, old: dict[str, Any] | None, now: str) -> dict[str, Any]:
     capacity = node_capacity(base, opts)
     hb = base.heartbeat
+    # InternalIP stays the base's IP: module Pods' podIP/hostIP, `--field-selector status.podIP=<baseIP>`.
     addresses = [{"type": "InternalIP", "address": base.ip or "127.0.0.1"}]
-    addresses.append({"type": "Hostname", "address": (hb.local_hostname if hb and hb.local_hostname else base.node_name)})
+    # kube-apiserver dials a Node (kubectl logs / exec) at the first address of the types in its
+    # --kubelet-preferred-address-types, default Hostname,InternalDNS,InternalIP,ExternalDNS,ExternalIP:
+    # with the provider's kubelet API on, the Hostname address is that API's (--kubelet-address), so
+    # the default order reaches the provider and never the base's IP, where no kubelet listens. It
+    # is Hostname rather than an InternalDNS address because the default tries Hostname first (the
+    # base's host name would have to go either way), and because the status patch merges addresses
+    # by type: a Node written before gets its Hostname value replaced, where dropping the entry would
+    # need a `$patch: delete`. An apiserver told to prefer InternalIP cannot reach the provider.
+    hostname = opts.kubelet_address or (hb.local_hostname if hb and hb.local_hostname else base.node_name)
+    addresses.append({"type": "Hostname", "address": hostname})
     return {
         "phase": "Running",
         "capacity": capacity,
         "allocatable": dict(capacity),
         "conditions": node_conditions(base, old, now),
         "addresses": addresses,
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": opts.kubelet_port if opts.kubelet_address else 0}},
         "nodeInfo": {
             "architecture": _arch(),
             "operatingSystem": "linux",
@@ -133,7 +147,7 @@ def node_status(base: BaseState, opts: NodeOptions, old: dict[str, Any] | None, 
 
 
 def node_status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    for key in ("capacity", "allocatable", "addresses"):
+    for key in ("capacity", "allocatable", "addresses", "daemonEndpoints"):
         if old.get(key) != new.get(key):
             return True
     def view(s: dict[str, Any]) -> list[tuple[Any, ...]]:

@@ -100,7 +100,9 @@ class System:
             *CLI, "provider", "--kubeconfig", str(self.cp.kubeconfig), "--mqtt-broker", self.broker.address,
             "--env", self.env, "--identity", f"{self.env}-{name}", "--http-host", "127.0.0.1",
             "--http-port", str(self.provider_port), "--heartbeat-interval", "1", "--missed-heartbeats", "3",
-            "--resync-interval", "2", "--health-interval", "5", "--log-level", "debug", *extra,
+            "--resync-interval", "2", "--health-interval", "5", "--log-level", "debug",
+            # The virtual Nodes' kubelet API on a port of its own (kubectl logs / exec).
+            *self.cp.kubelet_args(free_port()), *extra,
         ]
         proc = ManagedProcess(name, args, self.workdir / f"{name}.log", env=_with_env(env)).start()
         self.processes.append(proc)

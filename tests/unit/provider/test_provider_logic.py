@@ -84,9 +84,27 @@ def test_node_object() -> None:
     assert node["metadata"]["labels"][keys.LABEL_BASE_CLUSTER_NAME] == "c"
     assert node["status"]["capacity"] == {"pods": "110", keys.RESOURCE_MODULE: "5", "memory": "2Gi", "cpu": "8"}
     assert {t["key"] for t in node["spec"]["taints"]} == {keys.TAINT_VIRTUAL_NODE, keys.TAINT_NODE_ENV}
-    assert node["status"]["addresses"][0] == {"type": "InternalIP", "address": "10.0.0.9"}
+    # No kubelet API: the base's own host name, and no kubelet port.
+    assert node["status"]["addresses"] == [{"type": "InternalIP", "address": "10.0.0.9"},
+                                           {"type": "Hostname", "address": "h"}]
+    assert node["status"]["daemonEndpoints"] == {"kubeletEndpoint": {"Port": 0}}
     assert vnode.binary_quantity(1536 * 1024 * 1024) == "1536Mi"
     assert vnode.binary_quantity(1000) == "1000"
+
+
+def test_node_points_kube_apiserver_at_the_providers_kubelet_api() -> None:
+    """kube-apiserver's default --kubelet-preferred-address-types try Hostname first: that is the
+    provider's kubelet API; InternalIP stays the base's IP (status.podIP=<baseIP>)."""
+    opts = vnode.NodeOptions(kubelet_address="module-controller-provider.module-controller.svc", kubelet_port=10250)
+    old = vnode.build_node(base(), vnode.NodeOptions(), "2026-01-01T00:00:00Z")["status"]
+    status = vnode.node_status(base(), opts, old, "2026-01-01T00:00:10Z")
+    assert status["addresses"] == [{"type": "InternalIP", "address": "10.0.0.9"},
+                                   {"type": "Hostname", "address": "module-controller-provider.module-controller.svc"}]
+    assert status["daemonEndpoints"] == {"kubeletEndpoint": {"Port": 10250}}
+    assert vnode.node_status_changed(old, status)  # a Node from before is patched to point here
+    moved = vnode.node_status(base(), vnode.NodeOptions(kubelet_address=opts.kubelet_address, kubelet_port=10251),
+                              status, "2026-01-01T00:00:20Z")
+    assert vnode.node_status_changed(status, moved)  # a new port alone is written too
 
 
 def heart(ts: int, state: str = "activated", ip: str = "10.0.0.1") -> bytes:
