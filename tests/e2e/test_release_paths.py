@@ -75,17 +75,12 @@ def ready(pod: dict[str, Any]) -> bool:
     return pod.get("status", {}).get("phase") == "Running" and conds.get("Ready") == "True"
 
 
-def module_deployment(ns: str, name: str, jar: str, version: str) -> str:
+def module_template(app: str, jar: str, version: str) -> str:
+    """A module Pod template written like the seed's Deployment's, without the toleration."""
     return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: {name}}}}}
   template:
     metadata:
-      labels: {{app: {name}, module-controller.koupleless.io/component: module}}
+      labels: {{app: {app}, module-controller.koupleless.io/component: module}}
     spec:
       containers:
       - name: biz1
@@ -98,9 +93,28 @@ spec:
             - matchExpressions:
               - {{key: base.koupleless.io/name, operator: In, values: [base]}}
               - {{key: base.koupleless.io/version, operator: In, values: [1.1.1]}}
-      tolerations:
-      - {{key: schedule.koupleless.io/virtual-node, operator: Equal, value: "True", effect: NoExecute}}
 """
+
+
+def module_deployment(ns: str, name: str, jar: str, version: str) -> str:
+    return f"""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}""" + module_template(name, jar, version) + """      tolerations:
+      - {key: schedule.koupleless.io/virtual-node, operator: Equal, value: "True", effect: NoExecute}
+"""
+
+
+def module_daemonset(ns: str, jar: str, version: str) -> str:
+    return f"""
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: biz1-everywhere, namespace: {ns}}}
+spec:
+  selector: {{matchLabels: {{app: biz1-everywhere}}}}""" + module_template("biz1-everywhere", jar, version)
 
 
 def delete_without_force(stack: DevStack, ns: str, *what: str) -> None:
@@ -263,30 +277,6 @@ def test_peer_rolling_update_of_the_seed_sample_completes_and_rolls_back(stack: 
                what="offline: Pods gone, modules uninstalled")
 
 
-MODULE_DAEMONSET = """
-apiVersion: apps/v1
-kind: DaemonSet
-metadata: {{name: biz1-everywhere, namespace: {ns}}}
-spec:
-  selector: {{matchLabels: {{app: biz1-everywhere}}}}
-  template:
-    metadata:
-      labels: {{app: biz1-everywhere, module-controller.koupleless.io/component: module}}
-    spec:
-      containers:
-      - name: biz1
-        image: {jar}
-        env: [{{name: BIZ_VERSION, value: {version}}}]
-      affinity:
-        nodeAffinity:
-          requiredDuringSchedulingIgnoredDuringExecution:
-            nodeSelectorTerms:
-            - matchExpressions:
-              - {{key: base.koupleless.io/name, operator: In, values: [base]}}
-              - {{key: base.koupleless.io/version, operator: In, values: [1.1.1]}}
-"""
-
-
 def test_module_daemonset_one_per_matching_base_rolls_survives_drain_and_goes_offline(stack: DevStack,
                                                                                        ns: str) -> None:
     kubectl = stack.plane.kubectl
@@ -300,7 +290,7 @@ def test_module_daemonset_one_per_matching_base_rolls_survives_drain_and_goes_of
     try:
         wait_until(lambda: len(stack.ready_vnodes()) == len(matching) + 1, 90, what="the 2.0.0 base's Node Ready")
         # written like the seed's Deployment template, without even the toleration: the webhook adds it
-        kubectl("apply", "-f", "-", input=MODULE_DAEMONSET.format(ns=ns, jar=JAR_1, version="0.0.1-SNAPSHOT"))
+        kubectl("apply", "-f", "-", input=module_daemonset(ns, JAR_1, "0.0.1-SNAPSHOT"))
 
         def one_per_base(version: str) -> list[dict[str, Any]] | None:
             items = [p for p in pods(stack, ns) if not p["metadata"].get("deletionTimestamp")]

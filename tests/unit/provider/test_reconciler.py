@@ -9,6 +9,14 @@ from tests.unit.provider.rig import URL2, Rig, ready
 INSTALL, UNINSTALL = arklet.CMD_INSTALL_BIZ, arklet.CMD_UNINSTALL_BIZ
 
 
+async def running(rig: Rig, name: str) -> None:
+    """A module Pod of biz1:0.0.1 on b1, installed: the base answered SUCCESS."""
+    rig.add_pod(name)
+    await rig.settle()
+    rig.reply(INSTALL, "biz1", "0.0.1")
+    await rig.settle()
+
+
 def age(rig: Rig, seconds: float) -> None:
     """Make every command in flight and every back-off `seconds` older, as if time had passed."""
     for rec in rig.reconciler.records.values():
@@ -107,10 +115,7 @@ async def test_repeat_biz_means_installed() -> None:
 async def test_replayed_uninstall_reply_changes_nothing() -> None:
     rig = Rig()
     rig.online()
-    rig.add_pod("p")
-    await rig.settle()
-    rig.reply(INSTALL, "biz1", "0.0.1")
-    await rig.settle()
+    await running(rig, "p")
     writes = len(rig.kube.status_writes)
     rig.reply(UNINSTALL, "biz1", "0.0.1")  # nobody asked for this uninstall
     await rig.settle()
@@ -173,10 +178,7 @@ async def test_install_landing_after_its_pod_is_gone_is_uninstalled() -> None:
 async def test_copy_left_on_a_base_cut_off_while_its_pod_was_evicted_is_uninstalled_when_heard() -> None:
     rig = Rig()
     base = rig.online()
-    rig.add_pod("p")
-    await rig.settle()
-    rig.reply(INSTALL, "biz1", "0.0.1")
-    await rig.settle()
+    await running(rig, "p")
     rig.registry.set_not_ready(base, "BaseHeartbeatMissed", "silent")
     rig.delete_pod("p")
     await rig.settle()
@@ -200,10 +202,7 @@ async def test_module_installed_outside_kubernetes_follows_the_orphan_policy() -
 async def test_second_pod_of_a_module_on_one_base_fails_and_its_deletion_completes() -> None:
     rig = Rig()
     rig.online()
-    rig.add_pod("first")
-    await rig.settle()
-    rig.reply(INSTALL, "biz1", "0.0.1")
-    await rig.settle()
+    await running(rig, "first")
     rig.add_pod("second", version="0.0.1")
     await rig.settle()
     status = rig.pod("second")["status"]
@@ -232,10 +231,7 @@ async def test_non_module_pod_is_failed_with_the_cause_and_deleted_at_once() -> 
 async def test_phase_never_goes_back_while_a_restarted_base_reinstalls() -> None:
     rig = Rig()
     rig.online()
-    rig.add_pod("p")
-    await rig.settle()
-    rig.reply(INSTALL, "biz1", "0.0.1")
-    await rig.settle()
+    await running(rig, "p")
     assert ready(rig.pod("p"))
     rig.say("b1", arklet.QUERY_BASELINE, rig.base().heartbeat.metadata.to_wire())  # type: ignore[union-attr]
     rig.inventory("b1")  # restarted empty
