@@ -11,6 +11,7 @@ import pytest
 
 from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
+from tests.e2e.extender.vnodes import VirtualNodes
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +36,13 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
     finally:
         with contextlib.suppress(Exception):
             control_plane.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture
+def vnodes(control_plane: ControlPlane) -> Iterator[VirtualNodes]:
+    """Virtual Nodes made by the test itself (no provider), removed afterwards."""
+    nodes = VirtualNodes(control_plane.kubeconfig)
+    try:
+        yield nodes
+    finally:
+        nodes.close()

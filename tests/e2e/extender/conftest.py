@@ -19,7 +19,6 @@ from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
 from extender.config import MODULE_SCHEDULER_NAME
 from koupleless import keys
-from tests.e2e.extender.vnodes import VirtualNodes
 from tests.unit.extender.samples import SEED_JAR
 
 CLI = [sys.executable, "-m", "koupleless"]
@@ -103,15 +102,6 @@ def extender(control_plane: ControlPlane) -> Iterator[RunningExtender]:
         running.process.stop()
         log = running.log()
         assert "403" not in log and "Forbidden" not in log, "the extender needed more than its manifest RBAC"
-
-
-@pytest.fixture
-def vnodes(control_plane: ControlPlane) -> Iterator[VirtualNodes]:
-    nodes = VirtualNodes(control_plane.kubeconfig)
-    try:
-        yield nodes
-    finally:
-        nodes.close()
 
 
 def module_pod(name: str, namespace: str, *, biz: str, base: str, versions: tuple[str, ...] = ("1.1.1",),

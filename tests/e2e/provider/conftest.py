@@ -150,6 +150,18 @@ class System:
                             "--wait=false")
 
 
+PROVIDER_MANIFESTS = Path(__file__).resolve().parents[3] / "manifests" / "provider"
+
+
+def manifest_rbac_kubeconfig(cp: ControlPlane) -> Path:
+    """A kubeconfig for the provider's ServiceAccount with exactly the RBAC of manifests/provider."""
+    ns_yaml = cp.kubectl("create", "namespace", "module-controller", "--dry-run=client", "-o", "yaml").stdout
+    cp.kubectl("apply", "-f", "-", input=ns_yaml)
+    cp.kubectl("apply", "-f", str(PROVIDER_MANIFESTS / "serviceaccount.yaml"),
+               "-f", str(PROVIDER_MANIFESTS / "rbac.yaml"))
+    return cp.service_account_kubeconfig("module-controller", "module-controller-provider", hours=1)
+
+
 def node_ready(node: dict[str, Any]) -> str:
     for c in node.get("status", {}).get("conditions", []):
         if c["type"] == "Ready":

@@ -9,26 +9,21 @@ import re
 import ssl
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.provider.conftest import System
+from tests.e2e.provider.conftest import System, manifest_rbac_kubeconfig
 from tests.e2e.provider.modules import URL_V1, base_of, pods, running_ready, sample_deployment
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.controlplane
 
-MANIFESTS = Path(__file__).resolve().parents[3] / "manifests" / "provider"
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
 
 def test_kubectl_logs_and_exec_on_a_module_pod(system: System, namespace: str) -> None:
     cp = system.cp
-    ns_yaml = cp.kubectl("create", "namespace", "module-controller", "--dry-run=client", "-o", "yaml").stdout
-    cp.kubectl("apply", "-f", "-", input=ns_yaml)
-    cp.kubectl("apply", "-f", str(MANIFESTS / "serviceaccount.yaml"), "-f", str(MANIFESTS / "rbac.yaml"))
-    kubeconfig = cp.service_account_kubeconfig("module-controller", "module-controller-provider", hours=1)
+    kubeconfig = manifest_rbac_kubeconfig(cp)
     system.start_provider("--kubeconfig", str(kubeconfig))
     sim = system.start_sim(count=1)
     [node] = system.wait_nodes_ready(1)

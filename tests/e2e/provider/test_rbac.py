@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.e2e.provider.conftest import System
+from tests.e2e.provider.conftest import System, manifest_rbac_kubeconfig
 from tests.e2e.provider.modules import pods, running_ready, sample_deployment
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.controlplane
 
-MANIFESTS = Path(__file__).resolve().parents[3] / "manifests" / "provider"
 
 
 def test_provider_works_with_exactly_the_manifest_rbac(system: System, namespace: str) -> None:
     cp = system.cp
-    ns_yaml = cp.kubectl("create", "namespace", "module-controller", "--dry-run=client", "-o", "yaml").stdout
-    cp.kubectl("apply", "-f", "-", input=ns_yaml)
-    cp.kubectl("apply", "-f", str(MANIFESTS / "serviceaccount.yaml"), "-f", str(MANIFESTS / "rbac.yaml"))
-    kubeconfig = cp.service_account_kubeconfig("module-controller", "module-controller-provider", hours=1)
+    kubeconfig = manifest_rbac_kubeconfig(cp)
 
     system.start_provider("--kubeconfig", str(kubeconfig))
     sim = system.start_sim(count=2)

@@ -10,7 +10,6 @@ import json
 import re
 import shlex
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +45,6 @@ def terms(spec: dict[str, Any]) -> Any:
     for step in TERMS:
         node = node[step]
     return node
-
-
-@pytest.fixture
-def vnodes(control_plane: ControlPlane) -> Iterator[VirtualNodes]:
-    nodes = VirtualNodes(control_plane.kubeconfig)
-    try:
-        yield nodes
-    finally:
-        nodes.close()
 
 
 @pytest.fixture
