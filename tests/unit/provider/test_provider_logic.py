@@ -84,6 +84,8 @@ def test_node_object() -> None:
     assert node["metadata"]["labels"][keys.LABEL_BASE_CLUSTER_NAME] == "c"
     assert node["status"]["capacity"] == {"pods": "110", keys.RESOURCE_MODULE: "5", "memory": "2Gi", "cpu": "8"}
     assert {t["key"] for t in node["spec"]["taints"]} == {keys.TAINT_VIRTUAL_NODE, keys.TAINT_NODE_ENV}
+    # Node agents (kube-proxy, CNIs) select kubernetes.io/os=linux: a base is no Linux host, so they stay off.
+    assert "kubernetes.io/os" not in node["metadata"]["labels"] and "kubernetes.io/arch" not in node["metadata"]["labels"]
     # No kubelet API: the base's own host name, and no kubelet port.
     assert node["status"]["addresses"] == [{"type": "InternalIP", "address": "10.0.0.9"},
                                            {"type": "Hostname", "address": "h"}]
