@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -43,3 +44,12 @@ async def async_wait_until(
             detail = f" (last error: {last_exc!r})" if last_exc else ""
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or check}{detail}")
         await asyncio.sleep(interval)
+
+
+_FORBIDDEN = re.compile(r"Forbidden|(?<![,.:\d])403(?!\d)")
+
+
+def forbidden_lines(log: str) -> list[str]:
+    """Lines of a component's log that show the API server refusing it (403 / Forbidden); a 403 that
+    is only the milliseconds of a timestamp (`12:00:05,403`) is not one."""
+    return [line for line in log.splitlines() if _FORBIDDEN.search(line)]

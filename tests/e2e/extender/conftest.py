@@ -19,6 +19,7 @@ from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
 from extender.config import MODULE_SCHEDULER_NAME
 from koupleless import keys
+from tests.helpers import forbidden_lines
 from tests.unit.extender.samples import SEED_JAR
 
 CLI = [sys.executable, "-m", "koupleless"]
@@ -101,7 +102,7 @@ def extender(control_plane: ControlPlane) -> Iterator[RunningExtender]:
         control_plane.start_scheduler()
         running.process.stop()
         log = running.log()
-        assert "403" not in log and "Forbidden" not in log, "the extender needed more than its manifest RBAC"
+        assert not forbidden_lines(log), f"the extender needed more than its manifest RBAC: {forbidden_lines(log)}"
 
 
 def module_pod(name: str, namespace: str, *, biz: str, base: str, versions: tuple[str, ...] = ("1.1.1",),

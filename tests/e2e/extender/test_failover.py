@@ -38,7 +38,7 @@ from tests.e2e.extender.conftest import (
 )
 from tests.e2e.extender.label_proxy import LabelProxy
 from tests.e2e.extender.vnodes import VirtualNodes
-from tests.helpers import async_wait_until, wait_until
+from tests.helpers import async_wait_until, forbidden_lines, wait_until
 
 pytestmark = pytest.mark.controlplane
 
@@ -151,7 +151,7 @@ def replicas(control_plane: ControlPlane) -> Iterator[list[Replica]]:
                               "--grace-period=0")
         for replica in started:
             log = replica.log()
-            assert "403" not in log and "Forbidden" not in log, f"{replica.identity} needed more than its manifest RBAC"
+            assert not forbidden_lines(log), f"{replica.identity} needed more than its manifest RBAC: {forbidden_lines(log)}"
         control_plane.kubectl("delete", "lease", LEASE_NAME, "-n", LEASE_NAMESPACE, "--ignore-not-found")
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.e2e.provider.conftest import System, manifest_rbac_kubeconfig
 from tests.e2e.provider.modules import pods, running_ready, sample_deployment
-from tests.helpers import wait_until
+from tests.helpers import forbidden_lines, wait_until
 
 pytestmark = pytest.mark.controlplane
 
@@ -28,4 +28,4 @@ def test_provider_works_with_exactly_the_manifest_rbac(system: System, namespace
     assert all(b["modules"] == [] for b in sim.bases().values())
     assert system.provider is not None
     log = (system.workdir / "provider.log").read_text()
-    assert "403" not in log and "Forbidden" not in log, "the provider asked for something RBAC does not grant"
+    assert not forbidden_lines(log), f"the provider asked for something RBAC does not grant: {forbidden_lines(log)}"
