@@ -49,6 +49,7 @@ from prometheus_client import Counter
 from koupleless import keys
 from koupleless.http import ReloadingTLS
 from koupleless.kube.client import ApiError, event_path, pod_path, resource_path
+from koupleless.kube.lease import parse_micro_time
 from provider.state import BaseState
 
 log = logging.getLogger(__name__)
@@ -211,16 +212,6 @@ class Line:
     text: str
 
 
-def parse_time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
-
-
 def stamp(t: dt.datetime, nano: bool = False) -> str:
     t = t.astimezone(dt.UTC)
     if nano:  # kubelet's --timestamps format (RFC3339Nano)
@@ -241,13 +232,13 @@ def event_lines(events: list[dict[str, Any]], container: str, others: list[str])
         message = str(e.get("message") or "")
         if not _mentions(message, container) and any(_mentions(message, o) for o in others):
             continue
-        first = parse_time(e.get("firstTimestamp")) or parse_time(e.get("eventTime")) \
-            or parse_time((e.get("metadata") or {}).get("creationTimestamp"))
+        first = parse_micro_time(e.get("firstTimestamp")) or parse_micro_time(e.get("eventTime")) \
+            or parse_micro_time((e.get("metadata") or {}).get("creationTimestamp"))
         if first is None:
             continue
         text = f"{e.get('reason') or 'Event'}: {message}"
         count = e.get("count") or 1
-        last = parse_time(e.get("lastTimestamp"))
+        last = parse_micro_time(e.get("lastTimestamp"))
         if isinstance(count, int) and count > 1:
             text += f" (x{count}, last at {stamp(last)})" if last else f" (x{count})"
         out.append((first, str((e.get("metadata") or {}).get("name") or ""), Line(first, text)))
@@ -325,7 +316,7 @@ class LogOptions:
         if seconds is not None:
             since = now - dt.timedelta(seconds=seconds)
         elif query.get("sinceTime"):
-            since = parse_time(query["sinceTime"])
+            since = parse_micro_time(query["sinceTime"])
         return cls(tail_lines=tail, since=since, timestamps=query.get("timestamps", "").lower() in ("true", "1"),
                    limit_bytes=number("limitBytes"))
 
