@@ -17,6 +17,17 @@ async def running(rig: Rig, name: str) -> None:
     await rig.settle()
 
 
+async def install_timed_out() -> Rig:
+    """A Pod whose installBiz went unanswered past --install-timeout 3."""
+    rig = Rig(install_timeout=3)
+    rig.online()
+    rig.add_pod("p")
+    await rig.settle()
+    age(rig, 4)
+    await rig.settle()
+    return rig
+
+
 def age(rig: Rig, seconds: float) -> None:
     """Make every command in flight and every back-off `seconds` older, as if time had passed."""
     for rec in rig.reconciler.records.values():
@@ -64,12 +75,7 @@ async def test_install_sent_during_an_outage_goes_out_again_when_the_base_is_hea
 
 
 async def test_timed_out_install_backs_off_retries_and_a_late_success_is_adopted() -> None:
-    rig = Rig(install_timeout=3)
-    rig.online()
-    rig.add_pod("p")
-    await rig.settle()
-    age(rig, 4)
-    await rig.settle()
+    rig = await install_timed_out()
     waiting = rig.waiting("p")
     assert waiting["reason"] == "InstallFailed" and "did not answer installBiz biz1:0.0.1 within 3s" in waiting["message"]
     assert "InstallFailed" in rig.events.reasons("p")
@@ -88,12 +94,7 @@ async def test_timed_out_install_backs_off_retries_and_a_late_success_is_adopted
 
 
 async def test_inventory_showing_the_module_active_adopts_it_without_a_reply() -> None:
-    rig = Rig(install_timeout=3)
-    rig.online()
-    rig.add_pod("p")
-    await rig.settle()
-    age(rig, 4)
-    await rig.settle()
+    rig = await install_timed_out()
     assert rig.waiting("p")["reason"] == "InstallFailed"
     rig.inventory("b1", ("biz1", "0.0.1"))
     await rig.settle()
