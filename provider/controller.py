@@ -124,8 +124,8 @@ class Provider:
     async def start(self) -> None:
         await self.events.start()
         informers = [self.nodes.start(), *self.pods.start()]
-        for task in informers:
-            # An informer retries every error itself; its task ending at all is a bug to see.
+        for task in [*informers, *self.events.tasks]:
+            # An informer or Event writer retries every error itself; its task ending at all is a bug to see.
             self.supervisor.spawn(_outlive(task), name=task.get_name())
         await asyncio.gather(self.nodes.wait_synced(), self.pods.wait_synced())
         for node in self.nodes.list():

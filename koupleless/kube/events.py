@@ -1,9 +1,13 @@
 """Kubernetes Events (what `kubectl describe` shows under "Events:"), recorded without blocking.
 
-`event()` only queues; one background task writes. Identical events (same object, type, reason,
-message) within the aggregation window bump `count` and `lastTimestamp` on the Event already
-written, like client-go's correlator, so a retry loop shows "(x5 over 2m)" instead of five rows.
-A failed write is logged and counted; it never reaches the caller.
+`event()` only queues; a few background writers write, each owning the objects that hash to it, so
+one object's Events are written in the order they were recorded (kubectl sorts by a timestamp of
+whole seconds) while a burst over many objects is not written one round trip at a time. Identical
+events (same object, type, reason, message) within the aggregation window bump `count` and
+`lastTimestamp` on the Event already written, like client-go's correlator, so a retry loop shows
+"(x5 over 2m)" instead of five rows. A failed write is logged and counted; it never reaches the
+caller. Beyond the queue limit new Events are dropped, as kubelet's broadcaster drops them, and
+counted; the log says so once per DROP_LOG_SECONDS, not once per Event.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ EVENT_TYPES = (NORMAL, WARNING)
 MESSAGE_LIMIT_BYTES = 1024
 #: Events waiting to be written; beyond this, new ones are dropped and counted.
 QUEUE_LIMIT = 4096
+#: Concurrent writers (each owns a shard of the objects): enough to keep up with a release of
+#: thousands of modules without crowding out the status writes that matter more.
+WRITERS = 4
+#: A burst of drops is logged once per this many seconds, with the count.
+DROP_LOG_SECONDS = 30.0
 #: Correlation entries remembered (least recently used are forgotten first).
 CACHE_LIMIT = 4096
 #: Per-object budget of new Event objects: a burst of 25, then one per 5 minutes (client-go's
@@ -94,6 +103,12 @@ class _Written:
     seen: float  # monotonic
 
 
+class _Shard:
+    def __init__(self) -> None:
+        self.queue: collections.deque[_Pending] = collections.deque()
+        self.wakeup = asyncio.Event()
+
+
 class _ObjectBudget:
     def __init__(self) -> None:
         self.tokens = float(SPAM_BURST)
@@ -118,19 +133,22 @@ class EventRecorder:
         *,
         aggregate_window: float = 600.0,
         retry_backoff: float = 0.5,
+        writers: int = WRITERS,
     ) -> None:
         self.client = client
         self.component = component
         self.host = host if host is not None else os.environ.get("NODE_NAME") or socket.gethostname()
         self.aggregate_window = aggregate_window
         self.retry_backoff = retry_backoff
-        self._queue: collections.deque[_Pending] = collections.deque()
-        self._wakeup = asyncio.Event()
+        self._shards = [_Shard() for _ in range(max(1, writers))]
+        self._queued = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._dropped_unlogged = 0
+        self._drop_logged_at: float | None = None
         self._written: collections.OrderedDict[tuple[str, ...], _Written] = collections.OrderedDict()
         self._budgets: collections.OrderedDict[tuple[str, ...], _ObjectBudget] = collections.OrderedDict()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # --- the caller's side: never blocks, never raises -------------------------------------------
 
@@ -153,13 +171,25 @@ class EventRecorder:
                 "(got kind=%r name=%r type=%r)", reason, message[:80], ref["kind"], ref["name"], type_,
             )
             return
-        if len(self._queue) >= QUEUE_LIMIT:
-            metrics.EVENTS_RECORDED.labels(self.component, "dropped").inc()
-            log.warning("event queue full (%d); dropped %s %s on %s", QUEUE_LIMIT, type_, reason, ref["name"])
+        if self._queued >= QUEUE_LIMIT:
+            self._dropped(type_, reason, ref["name"])
             return
-        self._queue.append(_Pending(ref, type_, reason, truncate_message(message), _now()))
+        shard = self._shards[hash((ref["kind"], ref.get("namespace", ""), ref["name"])) % len(self._shards)]
+        shard.queue.append(_Pending(ref, type_, reason, truncate_message(message), _now()))
+        self._queued += 1
         self._idle.clear()
-        self._wakeup.set()
+        shard.wakeup.set()
+
+    def _dropped(self, type_: str, reason: str, name: str) -> None:
+        metrics.EVENTS_RECORDED.labels(self.component, "dropped").inc()
+        self._dropped_unlogged += 1
+        now = time.monotonic()
+        if self._drop_logged_at is None or now - self._drop_logged_at >= DROP_LOG_SECONDS:
+            log.warning("event queue full (%d waiting): dropped %d Events since the last such line, the latest "
+                        "%s %s on %s (koupleless_kube_events_total{outcome=\"dropped\"} counts them)",
+                        QUEUE_LIMIT, self._dropped_unlogged, type_, reason, name)
+            self._dropped_unlogged = 0
+            self._drop_logged_at = now
 
     def normal(self, obj: dict[str, Any], reason: str, message: str) -> None:
         self.event(obj, NORMAL, reason, message)
@@ -170,8 +200,16 @@ class EventRecorder:
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"events:{self.component}")
+        if self._tasks and not any(t.done() for t in self._tasks):
+            return
+        await self._cancel()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(shard), name=f"events:{self.component}:{i}")
+                       for i, shard in enumerate(self._shards)]
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return list(self._tasks)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written (or given up on)."""
@@ -179,33 +217,43 @@ class EventRecorder:
 
     async def stop(self, flush_seconds: float = 5.0) -> None:
         """Write what is queued (for at most `flush_seconds`), then stop the writer."""
-        if self._task is None:
+        if not self._tasks:
             return
         try:
             async with asyncio.timeout(flush_seconds):
                 await self.flush()
         except TimeoutError:
-            log.warning("stopping with %d events unwritten", len(self._queue))
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+            log.warning("stopping with %d events unwritten", self._queued)
+        await self._cancel()
+
+    async def _cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
 
     # --- the writer -------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _run(self, shard: _Shard) -> None:
         while True:
-            if not self._queue:
-                self._idle.set()
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            if not shard.queue:
+                shard.wakeup.clear()
+                await shard.wakeup.wait()
                 continue
-            pending = self._queue.popleft()
+            pending = shard.queue[0]
             try:
                 await self._write(pending)
             except Exception:
                 metrics.EVENTS_RECORDED.labels(self.component, "failed").inc()
                 log.exception("event %s on %s not written", pending.reason, pending.ref.get("name"))
+            finally:
+                # Counted as waiting until written, so flush() means "everything written".
+                shard.queue.popleft()
+                self._queued -= 1
+                if not self._queued:
+                    self._idle.set()
 
     def _correlation_key(self, p: _Pending) -> tuple[str, ...]:
         r = p.ref

@@ -3,11 +3,13 @@ through the API calls it makes. The e2e suite checks the same against a real api
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
+from koupleless.kube import events as events_module
 from koupleless.kube.client import ApiError
 from koupleless.kube.events import SPAM_BURST, EventRecorder, object_reference, truncate_message
 
@@ -167,3 +169,69 @@ async def test_event_never_raises_to_the_caller(status: int) -> None:
     api.failures.extend(ApiError(status, "X", "down") for _ in range(10))
     await record(api, (POD, "Normal", "Installed", "ok"))  # would raise here if it could
     assert len(api.calls) >= 2
+
+
+class GatedApi(FakeApi):
+    """Creates for the objects named in `held` wait until `release` is set."""
+
+    def __init__(self, held: set[str]) -> None:
+        super().__init__()
+        self.held = held
+        self.release = asyncio.Event()
+        self.written = asyncio.Condition()
+
+    async def create(self, path: str, obj: Any) -> dict[str, Any]:
+        if obj["involvedObject"]["name"] in self.held:
+            await self.release.wait()
+        result = await super().create(path, obj)
+        async with self.written:
+            self.written.notify_all()
+        return result
+
+    def names(self) -> set[str]:
+        return {c[2]["involvedObject"]["name"] for c in self.calls}
+
+
+def pod(name: str) -> dict[str, Any]:
+    return {"kind": "Pod", "apiVersion": "v1", "metadata": {"name": name, "namespace": "team-a", "uid": f"uid-{name}"}}
+
+
+async def test_a_slow_write_holds_up_only_its_own_object() -> None:
+    api = GatedApi(held={"stuck"})
+    recorder = EventRecorder(api, "module-controller", host="h", writers=4)  # type: ignore[arg-type]
+    await recorder.start()
+    recorder.event(pod("stuck"), "Normal", "Installing", "one")
+    others = [f"biz-{i}" for i in range(12)]
+    for name in others:
+        recorder.event(pod(name), "Normal", "Installing", "one")
+    # Objects that share the stuck object's writer wait behind it; the rest are written meanwhile.
+    async with asyncio.timeout(5), api.written:
+        await api.written.wait_for(lambda: len(api.names()) >= 3)
+    assert "stuck" not in api.names()
+    api.release.set()
+    await recorder.stop()
+    assert api.names() == {"stuck", *others}
+
+
+async def test_one_objects_events_are_written_in_the_order_recorded() -> None:
+    api = FakeApi()
+    steps = [f"step {i}" for i in range(20)]
+    await record(api, *[(pod(f"p{i % 5}"), "Normal", "Progress", s) for i, s in enumerate(steps)], writers=4)
+    for n in range(5):
+        written = [c[2]["message"] for c in api.calls if c[2]["involvedObject"]["name"] == f"p{n}"]
+        assert written == [s for i, s in enumerate(steps) if i % 5 == n]
+
+
+async def test_a_full_queue_drops_and_says_so_once(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events_module, "QUEUE_LIMIT", 3)
+    api = GatedApi(held={"biz-0", "biz-1", "biz-2"})
+    recorder = EventRecorder(api, "drops-test", host="h", writers=1)  # type: ignore[arg-type]
+    for i in range(10):
+        recorder.event(pod(f"biz-{i}"), "Normal", "Installing", "one")
+    assert outcome("drops-test", "dropped") == 7
+    lines = [r.getMessage() for r in caplog.records if "event queue full" in r.getMessage()]
+    assert len(lines) == 1 and "dropped 1 Events" in lines[0]
+    api.release.set()
+    await recorder.start()
+    await recorder.stop()
+    assert [c[2]["involvedObject"]["name"] for c in api.calls] == ["biz-0", "biz-1", "biz-2"]
