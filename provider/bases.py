@@ -135,7 +135,7 @@ class BaseRegistry:
             base = self.bases.get(base_id)
             if base is None:
                 MQTT_REJECTED.labels("unknown_base").inc()
-                log.debug("message on %r from base %r before its first heartbeat", topic, base_id)
+                log.debug("message on %r from base %r before its first heartbeat", topic[:200], base_id[:80])
                 return
             if kind == arklet.BIZ_OPERATION:
                 self._on_biz_operation(base, arklet.parse_biz_operation(env.data), env.publish_ts_ms, topic)

@@ -166,3 +166,26 @@ def test_a_forged_goodbye_leaves_a_live_base_ready(system: System) -> None:
     after = ready_condition()
     assert after["status"] == "True" and after["lastTransitionTime"] == before["lastTransitionTime"]
     assert "reported state 'DEACTIVATED'" in provider_log(system)  # it was received, and judged by what followed
+
+
+def test_approve_new_bases_taints_a_new_node_until_an_operator_removes_the_taint(system: System) -> None:
+    system.start_provider("--approve-new-bases")
+    sim = system.start_sim(count=1)
+    [node] = system.wait_nodes_ready(1)
+    name = node["metadata"]["name"]
+    assert {"key": keys.TAINT_UNAPPROVED, "value": "true", "effect": "NoSchedule"} in node["spec"]["taints"]
+    system.cp.kubectl("taint", "node", name, f"{keys.TAINT_UNAPPROVED}-")  # the operator approves it
+
+    def renew_time() -> str:
+        lease = system.kubectl_json("get", "lease", "-n", "kube-node-lease", name)
+        return str(lease["spec"]["renewTime"])
+
+    # two Lease renewals later the provider has synced the Node again (each renewal is a Node sync)
+    first = renew_time()
+    second = wait_until(lambda: (t := renew_time()) != first and t, 60, what="a Lease renewal")
+    wait_until(lambda: renew_time() != second, 60, what="another Lease renewal")
+    taints = system.kubectl_json("get", "node", name)["spec"]["taints"]
+    assert keys.TAINT_UNAPPROVED not in {t["key"] for t in taints}, "the approval sticks"
+    assert keys.TAINT_VIRTUAL_NODE in {t["key"] for t in taints}
+    assert next(iter(sim.bases())) == system.kubectl_json("get", "node", name)["metadata"]["annotations"][
+        keys.ANNOTATION_BASE_ID]
