@@ -348,6 +348,9 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
             "--mqtt-broker", broker.address, "--env", ENV, "--identity", "bench-provider",
             "--http-host", "127.0.0.1", "--http-port", str(http_port), "--workers", str(args.workers),
             "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
+            # --scale-bases (up to 5,000) register within a minute: measure the provider, not its
+            # limit on new bases (README: Provider-side base admission).
+            "--new-bases-per-minute", "0",
         ],
         Path(args.workdir) / "provider.log",
     ).start()

@@ -315,6 +315,20 @@ def parse_heartbeat(data: Any, topic_base_id: str) -> Heartbeat:
     )
 
 
+def check_query_baseline(data: Any, topic_base_id: str) -> None:
+    """queryBaseline carries the base's BaseMetadata: an identity other than the topic's baseID is
+    refused like a heartbeat's (one base cannot make another forget its modules). A body without
+    an identity has nothing to disagree with."""
+    identity = data.get("identity") if isinstance(data, dict) else None
+    if identity is not None and identity != topic_base_id:
+        raise ArkletError(
+            "identity_mismatch",
+            "data.identity",
+            f"{str(identity)[:80]!r} disagrees with the topic's baseID {topic_base_id[:80]!r}",
+            "publish on koupleless_<env>/<identity>/base/queryBaseline with the same identity",
+        )
+
+
 def parse_health(data: Any) -> HealthReport:
     obj = _obj(data, "data", "an arklet Output {code, message, data: {healthData}}")
     code = _str(obj, "code", "data", required=True).upper()

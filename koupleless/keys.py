@@ -48,6 +48,9 @@ TAINT_NODE_ENV: Final = "schedule.koupleless.io/node-env"
 EFFECT_NO_EXECUTE: Final = "NoExecute"
 EFFECT_NO_SCHEDULE: Final = "NoSchedule"
 
+#: With --approve-new-bases: on a new base's Node until an operator removes it (the approval).
+TAINT_UNAPPROVED: Final = "schedule.koupleless.io/unapproved"
+
 #: Taints the node lifecycle controller puts on a Node that stops answering.
 TAINT_NOT_READY: Final = "node.kubernetes.io/not-ready"
 TAINT_UNREACHABLE: Final = "node.kubernetes.io/unreachable"

@@ -17,6 +17,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from koupleless import arklet, keys
+from provider.admission import BaseAdmission
 from provider.state import BaseState, BizRecord
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 MQTT_REJECTED = Counter(
     "koupleless_provider_mqtt_rejected_total",
     "Base messages not acted on, by reason (not_json, wrong_type, too_large, unknown_topic, identity_mismatch, "
-    "stale, future, unknown_base, failed_reply, node_name_collision)",
+    "stale, future, unknown_base, failed_reply, node_name_collision, base_refused, new_base_throttled)",
     ["reason"],
 )
 MQTT_HANDLED = Counter("koupleless_provider_mqtt_handled_total", "Base messages acted on", ["kind"])
@@ -36,6 +37,10 @@ MAX_FUTURE_SKEW_MS = 10_000
 #: Heartbeat intervals of nothing but old-dated heartbeats from a base after which its clock is
 #: taken to have stepped back (a replay is a message or two; a clock is every message from then on).
 CLOCK_STEP_HEARTBEATS = 3
+#: Heartbeat intervals of silence after a base said it was leaving (a DEACTIVATED heartbeat) before
+#: its Node goes NotReady: long enough for the base's next ACTIVATED heartbeat to prove a forged
+#: goodbye wrong, shorter than --missed-heartbeats for a base that really left.
+GOODBYE_CONFIRM_HEARTBEATS = 2
 
 
 class BaseListener(Protocol):
@@ -58,8 +63,10 @@ class BaseListener(Protocol):
 
 class BaseRegistry:
     def __init__(self, env: str, listener: BaseListener, *, heartbeat_interval: float, missed_heartbeats: int,
-                 gone_after: float) -> None:
+                 gone_after: float, admission: BaseAdmission | None = None) -> None:
         self.env = env
+        #: Which heartbeats may make or keep a Node (provider/admission.py); None: every valid one.
+        self.admission = admission
         self.listener = listener
         self.heartbeat_interval = heartbeat_interval
         self.missed_heartbeats = missed_heartbeats
@@ -128,12 +135,13 @@ class BaseRegistry:
             base = self.bases.get(base_id)
             if base is None:
                 MQTT_REJECTED.labels("unknown_base").inc()
-                log.debug("message on %r from base %r before its first heartbeat", topic, base_id)
+                log.debug("message on %r from base %r before its first heartbeat", topic[:200], base_id[:80])
                 return
             if kind == arklet.BIZ_OPERATION:
                 self._on_biz_operation(base, arklet.parse_biz_operation(env.data), env.publish_ts_ms, topic)
                 return
             if kind == arklet.QUERY_BASELINE:
+                arklet.check_query_baseline(env.data, base_id)
                 self._on_base_started(base)
                 MQTT_HANDLED.labels(kind).inc()
                 return
@@ -187,17 +195,25 @@ class BaseRegistry:
     def _on_heartbeat(self, base_id: str, hb: arklet.Heartbeat, ts: int) -> None:
         base = self.bases.get(base_id)
         topic = arklet.topic(self.env, base_id, arklet.HEART)
-        if base is None:
-            if not hb.activated:
+        if base is None and not hb.activated:
+            return
+        if self.admission is not None:
+            not_now = self.admission.admit(base_id, hb, known=base is not None)
+            if not_now is not None:
+                MQTT_REJECTED.labels(not_now).inc()
                 return
+        if base is None:
             base = BaseState(base_id=base_id, node_name=keys.vnode_name(base_id))
             if not self.add(base):
                 self.reject("node_name_collision", topic,
                             f"{base_id} and {self.by_node[base.node_name]} both map to {base.node_name}")
                 return
-            log.info("new base %s (%s %s, %s) -> Node %s", ascii(base_id), ascii(hb.metadata.name),
-                     ascii(hb.metadata.version), ascii(hb.local_ip), base.node_name)
+            log.info("new base %s (%s %s, %s) -> Node %s", ascii(base_id), ascii(hb.metadata.name[:100]),
+                     ascii(hb.metadata.version[:100]), ascii(hb.local_ip[:100]), base.node_name)
             self.listener.base_discovered(base)
+        if not hb.activated:
+            self._on_goodbye(base, hb, ts, topic)
+            return
         if not self._in_order(base, arklet.HEART, ts, topic):
             return
         MQTT_HANDLED.labels(arklet.HEART).inc()
@@ -206,19 +222,33 @@ class BaseRegistry:
         ) != (hb.metadata, hb.local_ip, hb.local_hostname)
         base.gone = False
         base.heartbeat = hb
-        if hb.activated:
-            if not base.ready:
-                base.ready = True
-                log.info("base %s is ready", base_id)
-                # Back from a silence: what it holds and what reached it are unknown until it says.
-                self.listener.base_heard_again(base)
-                self.listener.modules_changed(base)
-                changed = True
-        elif base.ready:
-            self.set_not_ready(base, "BaseDeactivated", f"base {base_id} reported state {hb.state}")
+        base.goodbye_at = None
+        if not base.ready:
+            base.ready = True
+            log.info("base %s is ready", base_id)
+            # Back from a silence: what it holds and what reached it are unknown until it says.
+            self.listener.base_heard_again(base)
+            self.listener.modules_changed(base)
             changed = True
         if changed:
             self.listener.node_changed(base)
+
+    def _on_goodbye(self, base: BaseState, hb: arklet.Heartbeat, ts: int, topic: str) -> None:
+        """A heartbeat saying the base is not ACTIVATED (real arklet sends none; a base that says
+        goodbye on shutdown does). Anyone on the broker can send one for any base, so it changes
+        nothing at once: it neither refreshes the base's liveness nor enters the order of its
+        heartbeats (a forged one dated ahead cannot make the real ones stale); `judge` makes the Node
+        NotReady only if no ACTIVATED heartbeat follows within GOODBYE_CONFIRM_HEARTBEATS intervals."""
+        last = base.last_ts.get(arklet.HEART)
+        if last is not None and ts <= last:
+            self.reject("stale", topic, f"publishTimestamp {ts} is not after the last one, {last}")
+            return
+        MQTT_HANDLED.labels(arklet.HEART).inc()
+        if base.goodbye_at is None and base.ready:
+            base.goodbye_at = time.monotonic()
+            base.goodbye_state = hb.state[:40]
+            log.info("base %s reported state %s; its Node goes NotReady unless a heartbeat follows within %gs",
+                     base.base_id, ascii(base.goodbye_state), GOODBYE_CONFIRM_HEARTBEATS * self.heartbeat_interval)
 
     def set_not_ready(self, base: BaseState, reason: str, message: str) -> None:
         base.ready = False
@@ -316,9 +346,17 @@ class BaseRegistry:
             return []
         limit = self.heartbeat_interval * self.missed_heartbeats
         gone = []
+        goodbye_limit = self.heartbeat_interval * GOODBYE_CONFIRM_HEARTBEATS
         for base in list(self.bases.values()):
             silent = now - max(base.last_heard, since)
-            if base.ready and silent > limit:
+            if base.ready and base.goodbye_at is not None and now - max(base.goodbye_at, since) > goodbye_limit:
+                self.set_not_ready(
+                    base,
+                    "BaseDeactivated",
+                    f"base {base.base_id} reported state {base.goodbye_state!a} and sent no heartbeat "
+                    f"for {now - base.goodbye_at:.0f}s after it",
+                )
+            elif base.ready and silent > limit:
                 self.set_not_ready(
                     base,
                     "BaseHeartbeatMissed",

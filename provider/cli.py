@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import socket
 
 from aiohttp import web
@@ -14,7 +15,7 @@ from koupleless import keys, runtime
 from koupleless.http import add_health_routes
 from koupleless.kube.client import KubeClient
 from koupleless.kube.config import KubeConfigError
-from provider import kubelet_api, vnode
+from provider import admission, kubelet_api, vnode
 from provider.controller import Provider, ProviderOptions
 from provider.tunnel import add_broker_arguments, broker_from_args
 from provider.vnode import NodeOptions
@@ -44,6 +45,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--node-monitor-grace-period)",
     )
     g.add_argument("--gone-after", type=float, default=600.0, metavar="S", help="delete the Node of a base silent this long (default 600)")
+    g = parser.add_argument_group("base admission (which bases may become Nodes; README: Security)")
+    g.add_argument(
+        "--base-id-pattern", metavar="REGEX",
+        help="only bases whose ID fully matches this become Nodes; always also a lower-case DNS name of at most "
+        f"{admission.MAX_BASE_ID_LENGTH} characters (default: a DNS label without dots, or an IPv4 address)",
+    )
+    g.add_argument("--allowed-base-names", metavar="NAME,...", default="",
+                   help="only bases whose baseMetadata.name is one of these become Nodes (default: any)")
+    g.add_argument("--allowed-cluster-names", metavar="NAME,...", default="",
+                   help="only bases whose baseMetadata.clusterName is one of these become Nodes (default: any)")
+    g.add_argument(
+        "--new-bases-per-minute", type=int, default=admission.DEFAULT_NEW_BASES_PER_MINUTE, metavar="N",
+        help="admit at most N bases new to this provider in any minute; the others try again on their next "
+        "heartbeat. Bases whose Node exists already are not counted (0: no limit; default "
+        f"{admission.DEFAULT_NEW_BASES_PER_MINUTE})",
+    )
+    g.add_argument(
+        "--approve-new-bases", action="store_true",
+        help=f"a new base's Node starts tainted {keys.TAINT_UNAPPROVED}=true:NoSchedule; removing the taint "
+        "approves it (the provider never puts it back)",
+    )
     g = parser.add_argument_group("modules")
     g.add_argument("--resync-interval", type=float, default=30.0, metavar="S", help="queryAllBiz every base this often (default 30)")
     g.add_argument("--health-interval", type=float, default=30.0, metavar="S", help="ask every base for health this often (default 30)")
@@ -123,7 +145,7 @@ def options_from_args(args: argparse.Namespace) -> ProviderOptions:
         env=args.env,
         identity=identity,
         node=NodeOptions(env=args.env, max_pods=args.max_pods, max_modules=args.max_modules, env_taint=args.env_taint,
-                         lease_duration_s=args.lease_duration,
+                         lease_duration_s=args.lease_duration, approve_new_bases=args.approve_new_bases,
                          kubelet_address=kubelet.address if kubelet else "", kubelet_port=kubelet.port if kubelet else 0),
         lease_renew_interval=args.lease_duration / 4,
         heartbeat_interval=args.heartbeat_interval,
@@ -134,6 +156,12 @@ def options_from_args(args: argparse.Namespace) -> ProviderOptions:
         install_timeout=args.install_timeout,
         orphan_policy=args.orphan_policy,
         workers=args.workers,
+        admission=admission.AdmissionOptions(
+            base_id_pattern=args.base_id_pattern or None,
+            allowed_base_names=admission.parse_name_list(args.allowed_base_names),
+            allowed_cluster_names=admission.parse_name_list(args.allowed_cluster_names),
+            new_bases_per_minute=args.new_bases_per_minute,
+        ),
     )
 
 
@@ -149,6 +177,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if bool(args.kubelet_tls_cert) != bool(args.kubelet_tls_key):
         log.error("--kubelet-tls-cert and --kubelet-tls-key go together: give both, or neither for a self-signed one")
+        return 2
+    if args.base_id_pattern:
+        try:
+            re.compile(args.base_id_pattern)
+        except re.error as exc:
+            log.error("--base-id-pattern %r is not a regular expression: %s", args.base_id_pattern, exc)
+            return 2
+    if args.new_bases_per_minute < 0:
+        log.error("--new-bases-per-minute %d: give 0 (no limit) or more", args.new_bases_per_minute)
         return 2
     opts = options_from_args(args)
     kubelet = kubelet_settings(args)

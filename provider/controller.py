@@ -25,6 +25,7 @@ from koupleless.kube.events import EventRecorder
 from koupleless.kube.informer import Informer
 from koupleless.supervise import Supervisor
 from provider import vnode
+from provider.admission import AdmissionOptions, BaseAdmission
 from provider.bases import BaseRegistry
 from provider.commands import CommandSender
 from provider.nodes import NodeReconciler, NodeReconcilerOptions
@@ -61,6 +62,7 @@ class ProviderOptions:
     install_timeout: float = 120.0
     orphan_policy: str = "report"
     workers: int = 16
+    admission: AdmissionOptions = field(default_factory=AdmissionOptions)
 
 
 class Provider:
@@ -76,8 +78,11 @@ class Provider:
         )
         self.pods = PodSource(kube, is_our_node=lambda name: name.startswith(keys.VNODE_NAME_PREFIX))
         self.events = EventRecorder(kube, COMPONENT)
+        self.admission = BaseAdmission(opts.admission, env, self.events,
+                                       node_exists=lambda name: self.nodes.get(name) is not None)
         self.registry = BaseRegistry(env, self, heartbeat_interval=opts.heartbeat_interval,
-                                     missed_heartbeats=opts.missed_heartbeats, gone_after=opts.gone_after)
+                                     missed_heartbeats=opts.missed_heartbeats, gone_after=opts.gone_after,
+                                     admission=self.admission)
         self.tunnel = MqttTunnel(
             broker,
             client_id=f"koupleless@@@{opts.identity}",
@@ -220,6 +225,7 @@ class Provider:
             await asyncio.sleep(min(1.0, self.opts.heartbeat_interval / 2))
             for base in self.registry.judge():
                 self.node_reconciler.queue.add(base.node_name)
+            self.admission.tick()
             ready = sum(1 for b in self.registry.bases.values() if b.ready)
             BASES.labels("true").set(ready)
             BASES.labels("false").set(len(self.registry.bases) - ready)

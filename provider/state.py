@@ -7,6 +7,7 @@ provider picks up where the last one stopped without reinstalling anything.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,10 @@ class BaseState:
     last_ts: dict[str, int] = field(default_factory=dict)
     #: Since when (monotonic) every heartbeat has been older than the newest seen; None if in order.
     stale_since: float | None = None
+    #: When (monotonic) the base said it was leaving (a heartbeat not ACTIVATED) and no ACTIVATED one
+    #: has followed; only silence after it makes the Node NotReady (anyone may forge the message).
+    goodbye_at: float | None = None
+    goodbye_state: str = ""
     #: Newest (timestamp, command) that decided each biz key's state.
     biz_ts: dict[str, tuple[int, str]] = field(default_factory=dict)
     bizs: dict[str, BizRecord] = field(default_factory=dict)
@@ -67,7 +72,18 @@ class BaseState:
 
     @property
     def ip(self) -> str:
-        return self.heartbeat.local_ip if self.heartbeat and self.heartbeat.local_ip else ""
+        """The base's localIP when it is an IP address (it becomes the Node's InternalIP and its
+        Pods' podIP, which the API server validates); "" otherwise."""
+        ip = self.heartbeat.local_ip if self.heartbeat else ""
+        return ip if ip and _is_ip(ip) else ""
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass

@@ -28,6 +28,15 @@ from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
+
+def escape_network_text(record: logging.LogRecord) -> bool:
+    """paho's debug lines quote topics as they arrived (a base ID with control or right-to-left
+    characters, 65k long): escaped and cut like every other line about a base's input."""
+    message = record.getMessage()
+    if len(message) > 1000 or not message.isascii() or not message.isprintable():
+        record.msg, record.args = message[:1000].encode("unicode_escape").decode("ascii"), ()
+    return True
+
 MQTT_CONNECTS = Counter("koupleless_mqtt_connects_total", "MQTT connection attempts by result", ["client", "result"])
 MQTT_RECEIVED = Counter("koupleless_mqtt_messages_received_total", "MQTT messages received", ["client"])
 MQTT_PUBLISHED = Counter("koupleless_mqtt_messages_published_total", "MQTT messages published", ["client"])
@@ -102,6 +111,7 @@ class MqttTunnel:
         paho_log = logging.getLogger(__name__ + ".paho")
         # paho's network thread makes one last pass after our disconnect and logs it as an error.
         paho_log.addFilter(lambda record: not (self._stopping and "not connected" in record.getMessage()))
+        paho_log.addFilter(escape_network_text)
         c.enable_logger(paho_log)
         c.max_inflight_messages_set(1000)
         # Bounded: during an outage commands wait here, and whoever sent them sends them again if

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from provider.state import BaseState
 
 LEASE_NAMESPACE = "kube-node-lease"
 LEASE_DURATION_S = 40
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class NodeOptions:
     #: every virtual Node; "" / 0 when it serves none (the Node then names the base's own host).
     kubelet_address: str = ""
     kubelet_port: int = 0
+    #: New Nodes start tainted `keys.TAINT_UNAPPROVED` until an operator removes the taint.
+    approve_new_bases: bool = False
 
 
 def node_labels(base: BaseState, opts: NodeOptions) -> dict[str, str]:
@@ -48,6 +52,9 @@ def node_labels(base: BaseState, opts: NodeOptions) -> dict[str, str]:
 
 
 def _label_value(value: str) -> str:
+    """A base's own text (name, version, cluster name) as a label value: characters other than
+    [A-Za-z0-9-_.] become '-', at most 63 characters, starting and ending with a letter or digit.
+    Always valid, so no heartbeat can make a Node write fail."""
     cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in value)[:63]
     return cleaned.strip("-_.")
 
@@ -57,6 +64,12 @@ def node_taints(opts: NodeOptions) -> list[dict[str, str]]:
     if opts.env_taint:
         taints.append({"key": keys.TAINT_NODE_ENV, "value": opts.env, "effect": keys.EFFECT_NO_EXECUTE})
     return taints
+
+
+def unapproved_taint() -> dict[str, str]:
+    """Only on a Node as it is created (never put back once an operator removed it: that removal is
+    the approval, and the Node keeps it until it is deleted)."""
+    return {"key": keys.TAINT_UNAPPROVED, "value": "true", "effect": keys.EFFECT_NO_SCHEDULE}
 
 
 def node_capacity(base: BaseState, opts: NodeOptions) -> dict[str, str]:
@@ -122,7 +135,10 @@ def node_status(base: BaseState, opts: NodeOptions, old: dict[str, Any] | None, 
     # base's host name would have to go either way), and because the status patch merges addresses
     # by type: a Node written before gets its Hostname value replaced, where dropping the entry would
     # need a `$patch: delete`. An apiserver told to prefer InternalIP cannot reach the provider.
-    hostname = opts.kubelet_address or (hb.local_hostname if hb and hb.local_hostname else base.node_name)
+    own_host = hb.local_hostname.lower() if hb else ""
+    if len(own_host) > 253 or not _DNS_SUBDOMAIN.fullmatch(own_host):
+        own_host = base.node_name  # the base's localHostName is its own text: only a DNS name is used
+    hostname = opts.kubelet_address or own_host
     addresses.append({"type": "Hostname", "address": hostname})
     return {
         "phase": "Running",
@@ -134,9 +150,9 @@ def node_status(base: BaseState, opts: NodeOptions, old: dict[str, Any] | None, 
         "nodeInfo": {
             "architecture": _arch(),
             "operatingSystem": "linux",
-            "kubeletVersion": f"koupleless-{hb.metadata.version if hb else ''}",
+            "kubeletVersion": f"koupleless-{_label_value(hb.metadata.version) if hb else ''}",
             "kernelVersion": "",
-            "osImage": f"koupleless base {hb.metadata.name if hb else ''}",
+            "osImage": f"koupleless base {_label_value(hb.metadata.name) if hb else ''}",
             "containerRuntimeVersion": "arklet://",
             "kubeProxyVersion": "",
             "machineID": base.base_id,
@@ -164,7 +180,7 @@ def build_node(base: BaseState, opts: NodeOptions, now: str) -> dict[str, Any]:
             "labels": node_labels(base, opts),
             "annotations": {keys.ANNOTATION_BASE_ID: base.base_id},
         },
-        "spec": {"taints": node_taints(opts)},
+        "spec": {"taints": node_taints(opts) + ([unapproved_taint()] if opts.approve_new_bases else [])},
         "status": node_status(base, opts, None, now),
     }
 

@@ -177,9 +177,10 @@ def test_bare_pod_two_modules_replaced_in_place(system: System, namespace: str) 
 
 
 def test_node_name_selectors_and_keys(system: System) -> None:
-    """Base IDs that are not DNS names still give valid Node names."""
-    system.start_provider()
-    sim = system.start_sim(count=1, id_prefix=f"Base_ID.{system.env}.")
+    """A dotted base ID that --base-id-pattern accepts is the Node name as it is (IDs that are no DNS
+    names are refused: tests/e2e/provider/test_admission.py)."""
+    system.start_provider("--base-id-pattern", r"[a-z0-9.-]+")
+    sim = system.start_sim(count=1, id_prefix=f"base-id.{system.env}.")
     [node] = system.wait_nodes_ready(1)
     [base_id] = sim.bases()
     assert node["metadata"]["name"] == keys.vnode_name(base_id) == f"virtual-node-base-id.{system.env}.0"
