@@ -55,9 +55,19 @@ BIZ_STATES: Final = frozenset({UNRESOLVED, RESOLVED, ACTIVATED, DEACTIVATED, BRO
 CODE_SUCCESS: Final = "SUCCESS"
 CODE_FAILED: Final = "FAILED"
 
-#: Larger payloads are refused unread: a real base's biggest message (queryAllBiz of ~100 modules)
-#: is a few tens of kB, and decoding megabytes on the event loop would stall every base.
+#: Larger payloads are refused unread: a base's status messages (heartbeat, health, a queryAllBiz of
+#: ~100 modules) are a few tens of kB, and decoding megabytes on the event loop would stall every base.
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
+#: Install replies carry the installed biz's whole class path (`bizInfos[0]`): 18 KB for a base
+#: plugin of 110 jars, so ~165 bytes a jar. These limits leave room for ~25,000 jars in one reply and
+#: for a baseline of a few dozen such modules; koupleless.arklet_replies reads only the few fields
+#: the provider uses, skipping the rest without building it.
+MAX_PAYLOAD_BYTES_BY_KIND: Final = {BIZ_OPERATION: 4 * 1024 * 1024, BATCH_INSTALL_RESPONSE: 32 * 1024 * 1024}
+
+#: The two heartbeat shapes (reference §2.3; README "Compatibility"): runtime >= 1.4 sends
+#: `baseMetadata`, runtime 1.3.x / 2.1.5-2.1.7 `masterBizInfo` + `networkInfo` under a random UUID.
+DIALECT_CURRENT: Final = "current"
+DIALECT_LEGACY: Final = "legacy"
 
 
 class ArkletError(ValueError):
@@ -124,22 +134,34 @@ def encode_envelope(data: Any, publish_ts_ms: int | None = None) -> bytes:
     return orjson.dumps({"publishTimestamp": now_ms() if publish_ts_ms is None else publish_ts_ms, "data": data})
 
 
-def decode_json(payload: bytes) -> Any:
-    if len(payload) > MAX_PAYLOAD_BYTES:
+def payload_limit(kind: str) -> int:
+    """The largest payload accepted on a base topic of this kind."""
+    return MAX_PAYLOAD_BYTES_BY_KIND.get(kind, MAX_PAYLOAD_BYTES)
+
+
+def check_size(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> None:
+    if len(payload) > limit:
         raise ArkletError(
             "too_large",
             "payload",
-            f"{len(payload)} bytes is over the {MAX_PAYLOAD_BYTES} byte limit",
-            "a base's messages are small JSON documents; check what publishes on this topic",
+            f"{len(payload)} bytes is over the {limit} byte limit for this topic",
+            "a base's messages are JSON documents of at most a few MB; check what publishes on this topic",
         )
+
+
+def decode_json(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> Any:
+    check_size(payload, limit)
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise ArkletError("not_json", "payload", f"is not JSON ({exc})", "publish a UTF-8 JSON object") from None
 
 
-def decode_envelope(payload: bytes) -> Envelope:
-    doc = decode_json(payload)
+def decode_envelope(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> Envelope:
+    return check_envelope(decode_json(payload, limit))
+
+
+def check_envelope(doc: Any) -> Envelope:
     if not isinstance(doc, dict):
         raise ArkletError(
             "wrong_type",
@@ -181,12 +203,15 @@ class Heartbeat:
     local_hostname: str
     port: int
     state: str  # upper case
+    #: Which heartbeat shape the base sent: DIALECT_CURRENT or DIALECT_LEGACY.
+    dialect: str = DIALECT_CURRENT
 
     @property
     def activated(self) -> bool:
         return self.state == ACTIVATED
 
     def to_wire(self) -> dict[str, Any]:
+        """The current shape (the old one: provider/basesim_dialects.py)."""
         return {
             "baseMetadata": self.metadata.to_wire(),
             "localIP": self.local_ip,
@@ -287,7 +312,18 @@ def encode_command(model: BizModel | None = None) -> bytes:
 
 
 def parse_heartbeat(data: Any, topic_base_id: str) -> Heartbeat:
+    """Either dialect, told apart by its shape: `baseMetadata` (runtime >= 1.4) or `masterBizInfo`
+    (runtime 1.3.x, 2.1.5-2.1.7)."""
     obj = _obj(data, "data", "a BaseStatus object")
+    if "baseMetadata" not in obj and "masterBizInfo" in obj:
+        return parse_legacy_heartbeat(obj, topic_base_id)
+    if "baseMetadata" not in obj:
+        raise ArkletError(
+            "wrong_type", "data.baseMetadata", "is missing (and so is data.masterBizInfo)",
+            "send {baseMetadata: {identity, name, version, clusterName}, localIP, localHostName, port, state} "
+            "(runtime >= 1.4) or {masterBizInfo: {name, version}, networkInfo: {localIP, localHostName}, state} "
+            "(runtime 1.3.x)",
+        )
     meta = _obj(obj.get("baseMetadata"), "data.baseMetadata", "{identity, name, version, clusterName}")
     identity = _str(meta, "identity", "data.baseMetadata", required=True)
     if identity != topic_base_id:
@@ -315,18 +351,50 @@ def parse_heartbeat(data: Any, topic_base_id: str) -> Heartbeat:
     )
 
 
-def check_query_baseline(data: Any, topic_base_id: str) -> None:
-    """queryBaseline carries the base's BaseMetadata: an identity other than the topic's baseID is
-    refused like a heartbeat's (one base cannot make another forget its modules). A body without
-    an identity has nothing to disagree with."""
-    identity = data.get("identity") if isinstance(data, dict) else None
-    if identity is not None and identity != topic_base_id:
+def parse_legacy_heartbeat(obj: Mapping[str, Any], topic_base_id: str) -> Heartbeat:
+    """Runtime 1.3.x / 2.1.5-2.1.7: `{masterBizInfo: {name, version}, networkInfo: {localIP,
+    localHostName[, arkletPort]}, state}`. The base is named only by its topic (a random UUID per
+    JVM start); it has no cluster name, so its own name stands for it: all bases of one application
+    form one cluster, as the cluster name is used for."""
+    master = _obj(obj.get("masterBizInfo"), "data.masterBizInfo", "{name, version}")
+    network = _obj(obj.get("networkInfo", {}), "data.networkInfo", "{localIP, localHostName}")
+    named = obj.get("baseID")
+    if named is not None and named != topic_base_id:
         raise ArkletError(
-            "identity_mismatch",
-            "data.identity",
-            f"{str(identity)[:80]!r} disagrees with the topic's baseID {topic_base_id[:80]!r}",
+            "identity_mismatch", "data.baseID", f"{named!r} disagrees with the topic's baseID {topic_base_id!r}",
+            "publish on koupleless_<env>/<baseID>/base/heart with the same baseID",
+        )
+    port = network.get("arkletPort", 0)
+    if isinstance(port, bool) or not isinstance(port, int | float | type(None)):
+        raise ArkletError("wrong_type", "data.networkInfo.arkletPort", f"expected a number, got {_type(port)}",
+                          "send the arklet port as a number")
+    name = _str(master, "name", "data.masterBizInfo")
+    return Heartbeat(
+        metadata=BaseMetadata(
+            identity=topic_base_id,
+            name=name,
+            version=_str(master, "version", "data.masterBizInfo"),
+            cluster_name=name,
+        ),
+        local_ip=_str(network, "localIP", "data.networkInfo"),
+        local_hostname=_str(network, "localHostName", "data.networkInfo"),
+        port=int(port or 0),
+        state=_str(obj, "state", "data", required=True).upper(),
+        dialect=DIALECT_LEGACY,
+    )
+
+
+def parse_base_metadata(data: Any, topic_base_id: str) -> BaseMetadata:
+    """queryBaseline's body: the base's BaseMetadata."""
+    meta = _obj(data, "data", "{identity, name, version, clusterName}")
+    identity = _str(meta, "identity", "data") or topic_base_id
+    if identity != topic_base_id:
+        raise ArkletError(
+            "identity_mismatch", "data.identity", f"{identity!r} disagrees with the topic's baseID {topic_base_id!r}",
             "publish on koupleless_<env>/<identity>/base/queryBaseline with the same identity",
         )
+    return BaseMetadata(identity, _str(meta, "name", "data"), _str(meta, "version", "data"),
+                        _str(meta, "clusterName", "data"))
 
 
 def parse_health(data: Any) -> HealthReport:
@@ -413,6 +481,7 @@ def parse_biz(data: Any) -> list[BizStatus]:
 
 
 def parse_biz_operation(data: Any) -> BizOperation:
+    """A bizOperation's data as plain JSON values (koupleless.arklet_replies decodes the payload)."""
     obj = _obj(data, "data", "{command, bizName, bizVersion, response}")
     command = _str(obj, "command", "data", required=True)
     if command not in (CMD_INSTALL_BIZ, CMD_UNINSTALL_BIZ):
@@ -439,9 +508,11 @@ def parse_biz_operation(data: Any) -> BizOperation:
             installed_version = version if isinstance(version, str) else ""
     elif inner is not None:
         raise ArkletError("wrong_type", "data.response.data", f"expected an object, got {_type(inner)}", "send {}")
+    # Runtime 1.3.0-1.3.1 names no biz in a failure reply: biz_name is then "" and the registry
+    # decides which command it answers.
     return BizOperation(
         command=command,
-        biz_name=_str(obj, "bizName", "data", required=True),
+        biz_name=_str(obj, "bizName", "data"),
         biz_version=_str(obj, "bizVersion", "data"),
         code=code,
         message=message,

@@ -10,13 +10,14 @@ hear: while its own connection to the broker is down, silence says nothing about
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Protocol
 
 from prometheus_client import Counter
 
-from koupleless import arklet, keys
+from koupleless import arklet, arklet_replies, keys
 from provider.admission import BaseAdmission
 from provider.state import BaseState, BizRecord
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 MQTT_REJECTED = Counter(
     "koupleless_provider_mqtt_rejected_total",
     "Base messages not acted on, by reason (not_json, wrong_type, too_large, unknown_topic, identity_mismatch, "
-    "stale, future, unknown_base, failed_reply, node_name_collision, base_refused, new_base_throttled)",
+    "stale, future, unknown_base, failed_reply, node_name_collision, base_refused, new_base_throttled, unattributed)",
     ["reason"],
 )
 MQTT_HANDLED = Counter("koupleless_provider_mqtt_handled_total", "Base messages acted on", ["kind"])
@@ -41,6 +42,9 @@ CLOCK_STEP_HEARTBEATS = 3
 #: its Node goes NotReady: long enough for the base's next ACTIVATED heartbeat to prove a forged
 #: goodbye wrong, shorter than --missed-heartbeats for a base that really left.
 GOODBYE_CONFIRM_HEARTBEATS = 2
+#: The slowest heartbeat of any arklet (runtime 1.3.0-1.3.1): an old-dialect base is given this long
+#: between heartbeats until its second one shows how often it really beats.
+LEGACY_HEARTBEAT_MAX_S = 120.0
 
 
 class BaseListener(Protocol):
@@ -59,6 +63,8 @@ class BaseListener(Protocol):
     def base_heard_again(self, base: BaseState) -> None: ...
 
     def health_incomplete(self, base: BaseState) -> None: ...
+
+    def baseline_requested(self, base_id: str, base: BaseState | None, metadata: arklet.BaseMetadata) -> None: ...
 
 
 class BaseRegistry:
@@ -124,13 +130,25 @@ class BaseRegistry:
     def handle(self, topic: str, payload: bytes) -> None:
         try:
             base_id, kind = arklet.parse_topic(self.env, topic)
-            env = arklet.decode_envelope(payload)
+            if kind in arklet_replies.SLIM_KINDS:
+                env = arklet_replies.decode_envelope(kind, payload)
+            else:
+                env = arklet.decode_envelope(payload, arklet.payload_limit(kind))
             if env.publish_ts_ms > arklet.now_ms() + MAX_FUTURE_SKEW_MS:
                 self.reject("future", topic, f"publishTimestamp {env.publish_ts_ms} is "
                             f"{(env.publish_ts_ms - arklet.now_ms()) / 1000:.0f}s ahead of this provider's clock")
                 return
             if kind == arklet.HEART:
                 self._on_heartbeat(base_id, arklet.parse_heartbeat(env.data, base_id), env.publish_ts_ms)
+                return
+            if kind == arklet.QUERY_BASELINE:
+                # Sent once per JVM start, before the first heartbeat: a base may not be known yet.
+                metadata = arklet.parse_base_metadata(env.data, base_id)
+                known = self.bases.get(base_id)
+                if known is not None:
+                    self._on_base_started(known)
+                MQTT_HANDLED.labels(kind).inc()
+                self.listener.baseline_requested(base_id, known, metadata)
                 return
             base = self.bases.get(base_id)
             if base is None:
@@ -140,10 +158,9 @@ class BaseRegistry:
             if kind == arklet.BIZ_OPERATION:
                 self._on_biz_operation(base, arklet.parse_biz_operation(env.data), env.publish_ts_ms, topic)
                 return
-            if kind == arklet.QUERY_BASELINE:
-                arklet.check_query_baseline(env.data, base_id)
-                self._on_base_started(base)
-                MQTT_HANDLED.labels(kind).inc()
+            if kind == arklet.BATCH_INSTALL_RESPONSE:
+                self._on_batch_install(base, arklet_replies.parse_batch_install_response(env.data),
+                                       env.publish_ts_ms, topic)
                 return
             if not self._in_order(base, kind, env.publish_ts_ms, topic):
                 return
@@ -217,6 +234,11 @@ class BaseRegistry:
         if not self._in_order(base, arklet.HEART, ts, topic):
             return
         MQTT_HANDLED.labels(arklet.HEART).inc()
+        now = time.monotonic()
+        if hb.dialect == arklet.DIALECT_LEGACY:
+            gap = now - base.last_heartbeat_at if base.last_heartbeat_at else LEGACY_HEARTBEAT_MAX_S
+            base.heartbeat_every = min(max(gap, 0.0), LEGACY_HEARTBEAT_MAX_S)
+        base.last_heartbeat_at = now
         changed = base.gone or base.heartbeat is None or (
             base.heartbeat.metadata, base.heartbeat.local_ip, base.heartbeat.local_hostname
         ) != (hb.metadata, hb.local_ip, hb.local_hostname)
@@ -248,7 +270,8 @@ class BaseRegistry:
             base.goodbye_at = time.monotonic()
             base.goodbye_state = hb.state[:40]
             log.info("base %s reported state %s; its Node goes NotReady unless a heartbeat follows within %gs",
-                     base.base_id, ascii(base.goodbye_state), GOODBYE_CONFIRM_HEARTBEATS * self.heartbeat_interval)
+                     base.base_id, ascii(base.goodbye_state),
+                     GOODBYE_CONFIRM_HEARTBEATS * max(self.heartbeat_interval, base.heartbeat_every or 0.0))
 
     def set_not_ready(self, base: BaseState, reason: str, message: str) -> None:
         base.ready = False
@@ -259,8 +282,10 @@ class BaseRegistry:
 
     def _on_base_started(self, base: BaseState) -> None:
         """arklet asks for its baseline once per JVM start: a base that restarted may have lost
-        every module and restarted its clock, so look again before trusting what we knew."""
+        every module and restarted its clock, so look again before trusting what we knew (what it
+        held before says nothing about now: it must not stand for what its baseline reinstalls)."""
         base.inventory_known = False
+        base.bizs = {}
         base.last_ts.clear()
         base.biz_ts.clear()
         base.heard_since_connect = False
@@ -307,16 +332,61 @@ class BaseRegistry:
         base.inventory_known = True
         if changed:
             self.listener.modules_changed(base)
+        if base.heartbeat is not None and base.heartbeat.dialect == arklet.DIALECT_LEGACY:
+            self._settle_from_inventory(base)
         self.listener.inventory_received(base)
 
-    def _on_biz_operation(self, base: BaseState, op: arklet.BizOperation, ts: int, topic: str) -> None:
+    def _settle_from_inventory(self, base: BaseState) -> None:
+        """Runtime 1.3.0-1.3.1 answers a successful command only with its full module list: a
+        pending install whose module is ACTIVATED in it, or uninstall whose module is gone from it,
+        is answered by that list as a reply would."""
+        for command, key in list(base.pending):
+            biz = base.bizs.get(key)
+            if command == arklet.CMD_INSTALL_BIZ and biz is not None and biz.state == arklet.ACTIVATED:
+                state = arklet.ACTIVATED
+            elif command == arklet.CMD_UNINSTALL_BIZ and biz is None:
+                state = ""
+            else:
+                continue
+            name, _, version = key.partition(":")
+            self.listener.operation_replied(base, arklet.BizOperation(command, name, version, arklet.CODE_SUCCESS,
+                                                                      biz_state=state))
+
+    def _on_batch_install(self, base: BaseState, entries: list[arklet_replies.BatchEntry], ts: int,
+                          topic: str) -> None:
+        """A baseline's answer: each entry is applied as the install reply it stands for."""
+        self._heard(base)
+        MQTT_HANDLED.labels(arklet.BATCH_INSTALL_RESPONSE).inc()
+        for entry in entries:
+            asked = base.baseline.get(entry.biz_url)
+            if asked is None and not entry.installed_name:
+                continue  # neither our baseline nor the base says which module this was
+            name = asked.biz_name if asked else entry.installed_name
+            version = asked.biz_version if asked else entry.installed_version
+            op = arklet.BizOperation(arklet.CMD_INSTALL_BIZ, name, version, entry.code, entry.message,
+                                     entry.biz_state, entry.installed_name, entry.installed_version)
+            self._on_biz_operation(base, op, ts, topic, counted=True)
+
+    def _on_biz_operation(self, base: BaseState, op: arklet.BizOperation, ts: int, topic: str,
+                          counted: bool = False) -> None:
+        if not op.biz_name:
+            # Runtime 1.3.0-1.3.1 names no biz in a failure: it answers the one command of its kind in
+            # flight; with several in flight it cannot be told which, and their timeouts decide.
+            asked = [key for command, key in base.pending if command == op.command]
+            if len(asked) != 1:
+                self.reject("unattributed", topic, f"{op.command} {op.code} names no biz, and {len(asked)} "
+                            f"{op.command} commands are in flight to base {base.base_id}: {op.message[:200]}")
+                return
+            name, _, version = asked[0].partition(":")
+            op = dataclasses.replace(op, biz_name=name, biz_version=version)
         seen = base.biz_ts.get(op.key)
         if seen is not None and (ts < seen[0] or (ts == seen[0] and seen[1] == op.command)):
             self.reject("stale", topic, f"{op.command} {op.key} at {ts} is not after {seen}")
             return
         base.biz_ts[op.key] = (ts, op.command)
         self._heard(base)
-        MQTT_HANDLED.labels(arklet.BIZ_OPERATION).inc()
+        if not counted:
+            MQTT_HANDLED.labels(arklet.BIZ_OPERATION).inc()
         if op.command == arklet.CMD_INSTALL_BIZ:
             INSTALL_RESULTS.labels("success" if op.success else ("repeat" if op.repeat else "failure")).inc()
             if op.success or op.repeat:
@@ -344,10 +414,11 @@ class BaseRegistry:
         since = self.hearing_since
         if since is None or now - since < self.heartbeat_interval:
             return []
-        limit = self.heartbeat_interval * self.missed_heartbeats
         gone = []
-        goodbye_limit = self.heartbeat_interval * GOODBYE_CONFIRM_HEARTBEATS
         for base in list(self.bases.values()):
+            interval = max(self.heartbeat_interval, base.heartbeat_every or 0.0)
+            limit = interval * self.missed_heartbeats
+            goodbye_limit = interval * GOODBYE_CONFIRM_HEARTBEATS
             silent = now - max(base.last_heard, since)
             if base.ready and base.goodbye_at is not None and now - max(base.goodbye_at, since) > goodbye_limit:
                 self.set_not_ready(
@@ -361,7 +432,7 @@ class BaseRegistry:
                     base,
                     "BaseHeartbeatMissed",
                     f"no heartbeat from base {base.base_id} for {silent:.0f}s "
-                    f"({self.missed_heartbeats} missed at {self.heartbeat_interval:g}s)",
+                    f"({self.missed_heartbeats} missed at {interval:g}s)",
                 )
             elif not base.ready and not base.gone and silent > self.gone_after:
                 base.gone = True

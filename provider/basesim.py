@@ -20,6 +20,9 @@ Real arklet's habits, each behind a flag and on by default where arklet has it:
 - `late_health_metrics` (on): the first health answer after a (re)start has no `jvm` / `cpu`.
 - `goodbye` (off): arklet sends nothing when its JVM stops; with it, a graceful stop or a shutdown
   first sends one DEACTIVATED heartbeat.
+
+`dialect` picks the runtime version whose wire shapes the bases speak (provider/basesim_dialects.py):
+`current` (>= 1.4, the default), `1.3.0` or `1.3.2`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from paho.mqtt.client import MQTTMessageInfo
 
 from koupleless import arklet
 from koupleless.model import infer_from_jar
+from provider import basesim_dialects as dialects
 from provider.tunnel import BrokerOptions, MqttTunnel
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,8 @@ class SimBase:
     cluster_name: str
     ip: str
     hostname: str
+    #: Where the base sits in the simulator (`<id-prefix><n>`): stays when a new JVM takes a new ID.
+    slot: str = ""
     alive: bool = True
     lifecycle: str = RUNNING
     started_at: float = field(default_factory=time.monotonic)
@@ -103,6 +109,7 @@ class SimBase:
     def snapshot(self) -> dict[str, Any]:
         return {
             "baseID": self.base_id,
+            "slot": self.slot,
             "name": self.name,
             "version": self.version,
             "clusterName": self.cluster_name,
@@ -155,15 +162,19 @@ class BaseSimulator:
         install_delay: float = 0.0,
         fail_rate: float = 0.0,
         fail_biz: frozenset[str] = frozenset(),
-        heartbeat_interval: float = 10.0,
+        heartbeat_interval: float | None = None,
         memory_mb: int = 4096,
         cpus: int = 4,
         seed: int | None = None,
         version_from_jar: bool = True,
         goodbye: bool = False,
         late_health_metrics: bool = True,
+        dialect: str = dialects.CURRENT.name,
     ) -> None:
         self.env = env
+        self.dialect = dialects.DIALECTS[dialect]
+        if heartbeat_interval is None:
+            heartbeat_interval = self.dialect.heartbeat_s
         self.install_delay = install_delay
         self.fail_rate = fail_rate
         self.fail_biz = fail_biz
@@ -177,14 +188,16 @@ class BaseSimulator:
         prefix = id_prefix if id_prefix is not None else f"{name}-{version.replace('.', '-')}-"
         self.bases: dict[str, SimBase] = {}
         for i in range(count):
-            base_id = f"{prefix}{i}"
+            slot = f"{prefix}{i}"
+            base_id = dialects.new_jvm_id() if self.dialect.uuid_ids else slot
             self.bases[base_id] = SimBase(
                 base_id=base_id,
                 name=name,
                 version=version,
                 cluster_name=cluster_name or name,
-                ip=sim_ip(base_id),
-                hostname=base_id,
+                ip=sim_ip(slot),
+                hostname=slot,
+                slot=slot,
             )
         subs = [(s, 1) for b in self.bases for s in arklet.base_subscriptions(env, b)]
         self.tunnel = MqttTunnel(
@@ -249,10 +262,13 @@ class BaseSimulator:
             self._heartbeat(base, arklet.DEACTIVATED)
         self._end(base, STOPPED)
 
-    def restart(self, base_id: str) -> None:
-        """A fresh JVM with the same identity: no modules, health metrics not yet registered;
-        announces itself again with queryBaseline, then a heartbeat."""
+    def restart(self, base_id: str) -> str:
+        """A fresh JVM: no modules, health metrics not yet registered; announces itself again with
+        queryBaseline (where the dialect has it), then a heartbeat. Same identity, except in a
+        dialect with UUID base IDs, where the new JVM takes a new one. Returns the base's ID."""
         base = self.bases[base_id]
+        if self.dialect.uuid_ids:
+            self._rename(base, dialects.new_jvm_id())
         base.modules.clear()
         base.alive = True
         base.lifecycle = RUNNING
@@ -260,6 +276,18 @@ class BaseSimulator:
         base.health_answers = 0
         base.started_at = time.monotonic()
         self._announce(base)
+        return base.base_id
+
+    def _rename(self, base: SimBase, new_id: str) -> None:
+        """The new JVM's ID: listen on its topics, no more on the old ones. The subscription goes out
+        before the announcement on the same connection, so the broker has it before any answer."""
+        for sub in arklet.base_subscriptions(self.env, base.base_id):
+            self.tunnel.remove_subscription(sub)
+        del self.bases[base.base_id]
+        base.base_id = new_id
+        self.bases[new_id] = base
+        for sub in arklet.base_subscriptions(self.env, new_id):
+            self.tunnel.add_subscription(sub)
 
     def replay(self, base_id: str) -> bool:
         """Publish the base's last bizOperation again, byte for byte: a duplicated or replayed
@@ -300,12 +328,25 @@ class BaseSimulator:
             port=0,
             state=state,
         )
-        return self._publish(base, arklet.HEART, hb.to_wire())
+        return self._publish(base, arklet.HEART, dialects.heartbeat_data(self.dialect, hb))
 
     def _announce(self, base: SimBase) -> None:
-        # arklet asks for its baseline first, then starts its heartbeat task.
-        self._publish(base, arklet.QUERY_BASELINE, base_metadata_wire(base))
+        # arklet (>= 1.4) asks for its baseline first, then starts its heartbeat task.
+        if self.dialect.baselines:
+            self._publish(base, arklet.QUERY_BASELINE, base_metadata_wire(base))
         self._heartbeat(base)
+
+    def _publish_inventory(self, base: SimBase) -> None:
+        kind, data = dialects.inventory(self.dialect, [m.status() for m in base.modules.values()])
+        self._publish(base, kind, data)
+
+    def _publish_reply(self, base: SimBase, data: dict[str, Any]) -> None:
+        """A command's outcome as the dialect answers it: a bizOperation, or the full module list."""
+        reply = dialects.operation_reply(self.dialect, data)
+        if reply is None:
+            self._publish_inventory(base)
+        else:
+            self._publish(base, arklet.BIZ_OPERATION, reply)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -338,8 +379,8 @@ class BaseSimulator:
         if command == arklet.CMD_HEALTH:
             self._answer_health(base)
         elif command == arklet.CMD_QUERY_ALL_BIZ:
-            self._publish(base, arklet.SIMPLE_BIZ, [arklet.simple_biz_item(m.status()) for m in base.modules.values()])
-        elif command == arklet.CMD_BASELINE:
+            self._publish_inventory(base)
+        elif command == arklet.CMD_BASELINE and self.dialect.baselines:
             try:
                 models = parse_baseline(payload)
             except arklet.ArkletError as exc:
@@ -460,18 +501,17 @@ class BaseSimulator:
             elapsed=1024 if out.code == arklet.CODE_SUCCESS else 0,
             installed=out.installed, detail_code=out.detail_code,
         )
-        self._publish(base, arklet.BIZ_OPERATION, data)
+        self._publish_reply(base, data)
 
     def _uninstall(self, base: SimBase, model: arklet.BizModel) -> None:
         cmd = arklet.CMD_UNINSTALL_BIZ
         if base.modules.pop(model.key, None) is None:
             msg = f"{NOT_FOUND_BIZ}: biz {model.key} not found"
-            self._publish(
-                base, arklet.BIZ_OPERATION,
-                arklet.biz_operation_data(cmd, model, arklet.CODE_FAILED, msg, detail_code=NOT_FOUND_BIZ),
+            self._publish_reply(
+                base, arklet.biz_operation_data(cmd, model, arklet.CODE_FAILED, msg, detail_code=NOT_FOUND_BIZ),
             )
             return
-        self._publish(base, arklet.BIZ_OPERATION, arklet.biz_operation_data(cmd, model, arklet.CODE_SUCCESS))
+        self._publish_reply(base, arklet.biz_operation_data(cmd, model, arklet.CODE_SUCCESS))
 
 
 def base_metadata_wire(base: SimBase) -> dict[str, str]:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from koupleless import keys, runtime
 from koupleless.http import add_health_routes
+from provider import basesim_dialects
 from provider.basesim import BaseSimulator
 from provider.tunnel import add_broker_arguments, broker_from_args
 
@@ -27,6 +28,17 @@ Habits of real arklet bases (each one a flag, on by default where arklet has it)
   that is ACTIVATED is answered at once (before --install-delay) with FAILED "REPEAT_BIZ: ..."; a
   base/baseline command is batch-installed and answered on base/batchInstallBizResponse.
 
+Runtime versions (--dialect):
+  current   runtime >= 1.4: all of the above.
+  1.3.0     runtime 1.3.0-1.3.1 / 2.1.5-2.1.6: heartbeat {masterBizInfo: {name, version}, networkInfo:
+            {localIP, localHostName}, state: "ACTIVATED"} every 120 s (default) under a random UUID base ID,
+            new on every restart; no queryBaseline, base/baseline ignored; queryAllBiz answered on base/biz
+            {code, message, data: [ArkBizInfo]}; a successful install or uninstall answered only by an
+            unsolicited base/biz full list, a failure by bizOperation {command, response} without bizName
+            and bizVersion.
+  1.3.2     runtime 1.3.2 / 2.1.7: the 1.3.0 heartbeat shape and UUID base IDs, but base/simpleBiz, 10 s
+            heartbeats and bizOperation replies with bizName and bizVersion.
+
 Inspecting and steering the bases (--status-port, HTTP on 127.0.0.1):
   GET  /bases                 JSON {"connected": bool, "bases": {baseID: {baseID, name, version, clusterName,
                               ip, alive, lifecycle (running|killed|stopped), installs (installs performed:
@@ -36,12 +48,14 @@ Inspecting and steering the bases (--status-port, HTTP on 127.0.0.1):
   POST /bases/<id>/kill       the base's JVM dies: no heartbeat, no answers, no goodbye
   POST /bases/<id>/shutdown   the base stops cleanly: silence like kill (with --goodbye: one DEACTIVATED
                               heartbeat first), lifecycle "stopped"
-  POST /bases/<id>/restart    a fresh JVM with the same identity: no modules, health metrics late again;
-                              announces with queryBaseline, then a heartbeat
+  POST /bases/<id>/restart    a fresh JVM with the same identity (1.3.x dialects: a new UUID; each entry's
+                              "slot", <id-prefix><n>, stays): no modules, health metrics late again;
+                              announces with queryBaseline (current dialect), then a heartbeat
   POST /bases/<id>/replay     republish the base's last bizOperation byte for byte (a duplicated or
                               replayed reply); 409 if it has sent none
 Each action answers with the base's entry from /bases.
-Base IDs are <id-prefix><n>, n = 0..count-1 (default prefix <name>-<version with dots as dashes>-).
+Base IDs are <id-prefix><n>, n = 0..count-1 (default prefix <name>-<version with dots as dashes>-); with
+--dialect 1.3.0 or 1.3.2 they are random UUIDs and <id-prefix><n> is only the base's slot.
 """
 
 
@@ -60,7 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fail-biz", action="append", default=[], metavar="NAME", help="always fail installs of this bizName"
     )
-    parser.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="S", help="default 10, as arklet")
+    parser.add_argument(
+        "--dialect", choices=sorted(basesim_dialects.DIALECTS), default=basesim_dialects.CURRENT.name,
+        help="the Koupleless runtime version whose MQTT messages the bases send (default current, >= 1.4)",
+    )
+    parser.add_argument(
+        "--heartbeat-interval", type=float, default=None, metavar="S",
+        help="seconds between heartbeats (default as the dialect's arklet: 10, 120 for 1.3.0)",
+    )
     parser.add_argument("--memory-mb", type=int, default=4096, help="JVM max memory each base reports")
     parser.add_argument("--cpus", type=int, default=4, help="CPU count each base reports")
     parser.add_argument("--status-port", type=int, default=0, help="HTTP port on 127.0.0.1 for /bases (0: off)")
@@ -91,8 +112,10 @@ def make_app(sim: BaseSimulator) -> web.Application:
         base_id, action = request.match_info["id"], request.match_info["action"]
         if base_id not in sim.bases:
             return web.json_response({"error": f"no base {base_id!r}; GET /bases lists them"}, status=404)
-        handlers = {"kill": sim.kill, "shutdown": sim.shutdown, "restart": sim.restart}
-        if action == "replay":
+        handlers = {"kill": sim.kill, "shutdown": sim.shutdown}
+        if action == "restart":
+            base_id = sim.restart(base_id)  # a new ID in the 1.3.x dialects
+        elif action == "replay":
             if not sim.replay(base_id):
                 return web.json_response(
                     {"error": f"base {base_id!r} has sent no bizOperation yet; install or uninstall something first"},
@@ -145,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             version_from_jar=args.version_from_jar,
             goodbye=args.goodbye,
             late_health_metrics=args.late_health_metrics,
+            dialect=args.dialect,
         )
         runner = None
         if args.status_port:

@@ -1,4 +1,4 @@
-"""Commands to bases over MQTT: installBiz, uninstallBiz, queryAllBiz, health.
+"""Commands to bases over MQTT: installBiz, uninstallBiz, queryAllBiz, health, baseline.
 
 Commands are hints, never retained (reference §8.4: a retained installBiz would be replayed to a
 restarted base) and never trusted to arrive: the Pod reconciler keeps what it sent and sends it
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import orjson
 from prometheus_client import Counter
 
 from koupleless import arklet
@@ -46,6 +47,13 @@ class CommandSender:
             COMMANDS.labels(command).inc()
         else:
             COMMANDS_DROPPED.labels(command).inc()
+        return ok
+
+    def send_baseline(self, base_id: str, models: list[arklet.BizModel]) -> bool:
+        """A base's baseline: a JSON array of BizModel, no envelope, QoS 1 (reference §2.2)."""
+        payload = orjson.dumps([m.to_wire() for m in models])
+        ok = self.tunnel.send(arklet.topic(self.env, base_id, arklet.CMD_BASELINE), payload, qos=1)
+        (COMMANDS if ok else COMMANDS_DROPPED).labels(arklet.CMD_BASELINE).inc()
         return ok
 
     def request_inventory(self, base: BaseState, force: bool = False) -> None:

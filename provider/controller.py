@@ -26,6 +26,7 @@ from koupleless.kube.informer import Informer
 from koupleless.supervise import Supervisor
 from provider import vnode
 from provider.admission import AdmissionOptions, BaseAdmission
+from provider.baseline import claim_baseline
 from provider.bases import BaseRegistry
 from provider.commands import CommandSender
 from provider.nodes import NodeReconciler, NodeReconcilerOptions
@@ -212,6 +213,14 @@ class Provider:
                 self.commands.request_health(base)
 
         asyncio.get_running_loop().call_later(HEALTH_RETRY_S, ask)
+
+    def baseline_requested(self, base_id: str, base: BaseState | None, metadata: arklet.BaseMetadata) -> None:
+        if base is not None and not base.owned:
+            return  # the replica holding its Lease answers
+        models = claim_baseline(self.pod_reconciler, base, self.commands.connection) if base else []
+        log.info("base %s (%s %s) asked for its baseline: %d modules", ascii(base_id), ascii(metadata.name),
+                 ascii(metadata.version), len(models))
+        self.commands.send_baseline(base_id, models)
 
     def _on_owned(self, base: BaseState) -> None:
         self.pod_reconciler.enqueue_node(base.node_name)

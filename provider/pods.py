@@ -335,6 +335,8 @@ class PodReconciler:
             if rec is None:
                 continue
             for pend in rec.pending.values():
+                if pend.baseline:
+                    continue  # the base's batch answer settles it; its timeout is the safety net
                 if self.commands.publish(base, pend.command, _model(pend.module)):
                     pend.sent_at = time.monotonic() if self.commands.connection else None
                     pend.connection = self.commands.connection

@@ -69,6 +69,12 @@ class BaseState:
     lease_renewed_at: float = 0.0
     #: Silent past --gone-after: the Node reconciler deletes its Node and Lease.
     gone: bool = False
+    #: How often this base heartbeats, when it is not --heartbeat-interval: learned for old-dialect
+    #: bases (runtime 1.3.0-1.3.1 every 120 s, 1.3.2 every 10 s) from the gap between heartbeats.
+    heartbeat_every: float | None = None
+    last_heartbeat_at: float = 0.0
+    #: bizUrl -> module of the baseline last sent to this base (to read its batch answer by).
+    baseline: dict[str, arklet.BizModel] = field(default_factory=dict)
 
     @property
     def ip(self) -> str:
@@ -95,6 +101,9 @@ class PendingOp:
     sent_at: float | None
     #: The MQTT connection it went out on (MqttTunnel.connect_count).
     connection: int = 0
+    #: Sent as part of the base's baseline: answered by its batchInstallBizResponse, never sent
+    #: again as an installBiz on its own unless the timeout passes.
+    baseline: bool = False
 
 
 @dataclass

@@ -4,7 +4,7 @@ lost, late, duplicated, replayed or wrong still ends in the state a user expects
 from __future__ import annotations
 
 from koupleless import arklet
-from tests.unit.provider.rig import URL2, Rig, ready
+from tests.unit.provider.rig import URL1, URL2, Rig, ready
 
 INSTALL, UNINSTALL = arklet.CMD_INSTALL_BIZ, arklet.CMD_UNINSTALL_BIZ
 
@@ -239,8 +239,13 @@ async def test_phase_never_goes_back_while_a_restarted_base_reinstalls() -> None
     await rig.settle()
     pod = rig.pod("p")
     assert pod["status"]["phase"] == "Running" and not ready(pod)
-    assert "ModuleLost" in rig.events.reasons("p") and len(rig.tunnel.commands(INSTALL)) == 2
-    rig.reply(INSTALL, "biz1", "0.0.1")
+    # reinstalled by its baseline, not by an installBiz of its own
+    assert "ModuleLost" in rig.events.reasons("p") and len(rig.tunnel.commands(INSTALL)) == 1
+    [baseline] = rig.tunnel.commands(arklet.CMD_BASELINE)
+    assert baseline == [{"bizName": "biz1", "bizVersion": "0.0.1", "bizUrl": URL1}]
+    model = arklet.BizModel("biz1", "0.0.1", URL1)
+    rig.say("b1", arklet.BATCH_INSTALL_RESPONSE, arklet.batch_install_response_data(
+        {URL1: arklet.batch_install_entry(arklet.CODE_SUCCESS, "", model, arklet.ACTIVATED)}))
     await rig.settle()
     assert ready(rig.pod("p"))
     assert "Pending" not in rig.phases("p")[rig.phases("p").index("Running"):]
