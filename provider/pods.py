@@ -228,7 +228,7 @@ class PodReconciler:
 
     def _send(self, key: str, pod: dict[str, Any], rec: PodRecord, base: BaseState, name: str, command: str,
               module: Module) -> None:
-        connection = self.commands.connection
+        connection = self.commands.connection_for(base)
         sent = self.commands.publish(base, command, _model(module))
         rec.pending[name] = PendingOp(command, module, time.monotonic() if sent and connection else None, connection)
         base.pending[(command, module.biz_key)] = key
@@ -336,11 +336,34 @@ class PodReconciler:
                 continue
             for pend in rec.pending.values():
                 if self.commands.publish(base, pend.command, _model(pend.module)):
-                    pend.sent_at = time.monotonic() if self.commands.connection else None
-                    pend.connection = self.commands.connection
+                    pend.sent_at = time.monotonic() if self.commands.connection_for(base) else None
+                    pend.connection = self.commands.connection_for(base)
             self.queue.add(object_key(pod))
 
     # --- replies ----------------------------------------------------------------------------------
+
+    def on_call_failed(self, base: BaseState, command: str, biz_key: str, why: str) -> None:
+        """A command that the tunnel knows got no answer (an HTTP call refused or timed out): what a
+        timeout says, said now. A failed install is retried with back-off; a failed uninstall is sent
+        again in RETRY_INITIAL_S; either way the base's module list is asked for, in case it acted."""
+        pod_key = base.pending.get((command, biz_key))
+        self.commands.request_inventory(base)
+        rec = self.records.get(pod_key) if pod_key else None
+        pod = self.pods.get(pod_key) if pod_key else None
+        if rec is None or pod is None or not pod_key:
+            base.pending.pop((command, biz_key), None)
+            return
+        for name, pend in list(rec.pending.items()):
+            if pend.command != command or pend.module.biz_key != biz_key:
+                continue
+            if command == arklet.CMD_INSTALL_BIZ:
+                del rec.pending[name]
+                base.pending.pop((command, biz_key), None)
+                self._record_failure(pod, rec, name, biz_key, f"installBiz {biz_key} on base {base.base_id} failed: {why}")
+            elif pend.sent_at is not None:
+                # Left pending (a Pod being deleted waits for it), due again in RETRY_INITIAL_S.
+                pend.sent_at = min(pend.sent_at, time.monotonic() - self.opts.install_timeout + RETRY_INITIAL_S)
+        self.queue.add(pod_key)
 
     def on_reply(self, base: BaseState, op: arklet.BizOperation) -> None:
         pod_key = base.pending.pop((op.command, op.key), None)
@@ -402,6 +425,23 @@ class PodReconciler:
                                              f"Base {base.base_id} failed to uninstall {op.key}: {op.message or op.code}")
                 if not (pod.get("metadata") or {}).get("deletionTimestamp"):
                     rec.restarts[name] = rec.restarts.get(name, 0) + 1
+
+    # --- baseline -----------------------------------------------------------------------------------
+
+    def baseline_for(self, base: BaseState) -> list[arklet.BizModel]:
+        """The modules a base should have, for its queryBaseline (any tunnel): those of the live module
+        Pods bound to its Node, in Pod and container order; none for a base new to the cluster."""
+        models: dict[str, arklet.BizModel] = {}
+        for pod in self.pods.on_node(base.node_name):
+            if (pod.get("metadata") or {}).get("deletionTimestamp") or not is_module_pod(pod):
+                continue
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            for c in (pod.get("spec") or {}).get("containers") or []:
+                if isinstance(c, dict):
+                    module = module_from_container(c)
+                    models.setdefault(module.biz_key, _model(module))
+        return list(models.values())
 
     # --- modules no Pod wants -----------------------------------------------------------------------
 
