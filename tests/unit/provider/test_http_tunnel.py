@@ -388,3 +388,52 @@ async def test_a_heartbeat_reaching_a_replica_without_the_lease_ends_at_the_hold
 class _Listener:
     def __getattr__(self, _name: str) -> Any:
         return lambda *_a, **_k: None
+
+
+# --- the manifests ---------------------------------------------------------------------------------
+
+
+def test_the_manifests_serve_the_http_tunnel_on_arklets_port_through_a_service() -> None:
+    import yaml
+
+    from koupleless.cli import build_parser
+    from provider.cli import http_tunnel_settings
+
+    d = Path(__file__).resolve().parents[3] / "manifests" / "provider"
+    deployment = yaml.safe_load((d / "deployment.yaml").read_text())
+    service = yaml.safe_load((d / "http-tunnel-service.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser(container["args"]).parse_args(container["args"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    [svc_port] = service["spec"]["ports"]
+    assert args.http_tunnel_port == ports[svc_port["targetPort"]] == svc_port["port"] == 7777
+    assert args.http_tunnel_bind_address == "0.0.0.0"
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    assert "http-tunnel-service.yaml" in yaml.safe_load((d / "kustomization.yaml").read_text())["resources"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POD_IP", "10.9.8.7")
+        settings = http_tunnel_settings(args)
+    assert settings is not None and settings.advertise == "10.9.8.7:7777", "where the other replicas forward to"
+
+
+def test_bad_http_tunnel_flags_are_refused_naming_the_flag(tmp_path: Path) -> None:
+    from koupleless.cli import build_parser
+    from provider.cli import http_tunnel_settings
+
+    def settings(*flags: str) -> Any:
+        argv = ["provider", "--mqtt-broker", "127.0.0.1:1883", *flags]
+        return http_tunnel_settings(build_parser(argv).parse_args(argv))
+
+    assert settings() is None, "off unless asked for"
+    empty = tmp_path / "tokens"
+    empty.write_text("\n")
+    for flags, said in ((("--http-tunnel-port", "70000"), "--http-tunnel-port 70000"),
+                        (("--http-tunnel-port", "7777", "--http-tunnel-tls-cert", "x"), "go together"),
+                        (("--http-tunnel-port", "7777", "--http-tunnel-client-ca", "x"), "needs TLS"),
+                        (("--http-tunnel-port", "7777", "--http-tunnel-token-file", str(tmp_path / "nope")),
+                         "no such file"),
+                        (("--http-tunnel-port", "7777", "--http-tunnel-token-file", str(empty)), "no token in it")):
+        with pytest.raises(ValueError, match=said):
+            settings(*flags)
