@@ -23,6 +23,10 @@ Measured, side by side in one run (the printed tags [1]..[7] follow the phases):
      Printed: seconds from the broker being back until every module Pod is Running and Ready,
      duplicate installs on the bases, re-sent install commands, and any Node that was not Ready
      meanwhile.
+  7. [8] arklet's HTTP tunnel: a provider serving both tunnels, --http-bases bases on the HTTP tunnel
+     (each with arklet's HTTP API on a port of its own, heartbeating by POST): seconds until their
+     Nodes are Ready, then hops A (bound -> installBiz call received by the base) and B (installBiz
+     answered -> Pod Ready) for one module Pod per base (at most --http-hop-pods), at --hop-rate.
 Targets (issue 10) are printed beside each figure, mostly as a ratio (figure / target; <= 1 meets it).
 The load average is printed at the start and the end: the machine may be shared.
 
@@ -56,6 +60,7 @@ from devcluster.processes import ManagedProcess, free_port
 from koupleless import arklet, keys
 from koupleless.kube import Informer, KubeClient, lease_path, namespace_path, node_path, pod_path
 from provider.basesim import BaseSimulator, SimBase
+from provider.basesim_http import HttpBaseSimulator
 from provider.tunnel import BrokerOptions
 
 ENV = "bench"
@@ -68,6 +73,7 @@ TARGET_BASES_READY_S = 10.0  # 1,000 bases Ready
 TARGET_MODULES_READY_S = 10.0  # 5,000 modules Ready
 TARGET_RSS_MIB = 150.0
 TARGET_CONVERGE_S = 15.0  # after a 20 s broker restart, 200 bases / 1,000 modules
+TARGET_HTTP_BASES_READY_S = 15.0  # 500 HTTP-tunnel bases Ready (issue 13)
 # kubelet, for comparison: a Lease renewal every 10 s, and node status only on a change, else every
 # nodeStatusReportFrequency (5 min).
 KUBELET_LEASE_PER_MIN = 6.0
@@ -96,6 +102,27 @@ class TimedFleet(BaseSimulator):
     def _install(self, base: SimBase, model: arklet.BizModel) -> None:
         super()._install(base, model)
         self.reply_sent[(base.base_id, model.biz_name)] = time.monotonic()
+
+
+class TimedHttpFleet(HttpBaseSimulator):
+    """base-sim's HTTP bases, noting when each installBiz call arrives and when it is answered."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.install_received: dict[tuple[str, str], float] = {}
+        self.reply_sent: dict[tuple[str, str], float] = {}
+
+    async def _command(self, request: Any) -> Any:
+        now = time.monotonic()
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        base = self._by_port.get(int(sockname[1])) if sockname else None
+        if request.path != "/" + arklet.CMD_INSTALL_BIZ or base is None:
+            return await super()._command(request)
+        name = arklet.parse_biz_model(await request.read()).biz_name
+        self.install_received.setdefault((base.base_id, name), now)
+        resp = await super()._command(request)
+        self.reply_sent[(base.base_id, name)] = time.monotonic()
+        return resp
 
 
 def pct(values: list[float], p: float) -> float:
@@ -271,7 +298,7 @@ async def watch_namespace(
 
 
 def hop_times(
-    fleet: TimedFleet,
+    fleet: TimedFleet | TimedHttpFleet,
     names: list[str],
     node_names: list[str],
     module: str,
@@ -819,8 +846,63 @@ async def run_all(args: argparse.Namespace, cp: ControlPlane, broker: Broker) ->
             await bench(args, cp, broker)
             if args.restart_bases > 0:
                 await broker_restart(args, cp)
+            if args.http_bases > 0:
+                await http_tunnel_phase(args, cp, broker)
     finally:
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+
+
+async def http_tunnel_phase(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:
+    """[8] HTTP-tunnel bases: registration, then hops A and B, as [1] and [2] measure MQTT ones."""
+    env = f"{ENV}http"
+    client = KubeClient.from_kubeconfig(str(cp.kubeconfig), qps=None)
+    ns = f"bench-http-{os.getpid()}"
+    nodes, pods, pod_ready_at = await watch_namespace(client, ns, env, "http")
+    http_port, tunnel_port = free_port(), free_port()
+    provider = ManagedProcess(
+        "provider-http",
+        [
+            sys.executable, "-m", "koupleless", "provider", "--kubeconfig", str(cp.kubeconfig),
+            "--mqtt-broker", broker.address, "--env", env, "--identity", "bench-http",
+            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--workers", str(args.workers),
+            "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
+            "--http-tunnel-port", str(tunnel_port),
+        ],
+        Path(args.workdir) / "provider-http.log",
+    ).start()
+    fleet = TimedHttpFleet(f"http://127.0.0.1:{tunnel_port}", env=env, count=args.http_bases, id_prefix="h-",
+                           heartbeat_interval=12.0)
+    try:
+        await asyncio.to_thread(provider.wait_ready, lambda: _http_ok(http_port), 60)
+        await fleet.start()
+        took = await wait_for(lambda: sum(ready(n) for n in nodes.list()) >= args.http_bases, 300,
+                              f"{args.http_bases} Ready Nodes of HTTP-tunnel bases")
+        print(f"[8] {args.http_bases} HTTP-tunnel bases Ready in {took:.1f}s ({args.http_bases / took:.0f} bases/s)  "
+              f"(target: 500 HTTP-tunnel bases Ready <= {TARGET_HTTP_BASES_READY_S:g} s: ratio "
+              f"{took / TARGET_HTTP_BASES_READY_S:.2f}"
+              + ("" if args.http_bases == 500 else f"; the target is for 500, this is {args.http_bases}") + ")")
+        node_names = sorted(keys.vnode_name(b) for b in fleet.bases)[: args.http_hop_pods]
+        batch = [module_pod(ns, f"h-{i}", node, 1, "hb") for i, node in enumerate(node_names)]
+        _, acked = await create_pods(client, batch, args.hop_concurrency, args.hop_rate)
+        names = [p["metadata"]["name"] for p in batch]
+        await wait_for(lambda: all(n in pod_ready_at for n in names), 300, "module Pods on HTTP bases Ready")
+        hop_a, hop_b = hop_times(fleet, names, node_names, "hb0", acked, pod_ready_at)
+        paced = f"created at {args.hop_rate:g} Pods/s" if args.hop_rate else "created back to back"
+        print(f"    {len(batch)} Pods on HTTP-tunnel bases, {paced}:")
+        for hop, values in (("A bound -> installBiz", hop_a), ("B answered -> Ready", hop_b)):
+            p99 = pct(values, 99)
+            print(f"    hop {hop:<22} n={len(values)} p50={pct(values, 50):6.1f} ms  p99={p99:6.1f} ms  "
+                  f"(MQTT's target p99 <= {TARGET_HOP_P99_MS:g} ms at {TARGET_HOP_RATE:g} Pods/s, for comparison: "
+                  f"ratio {p99 / TARGET_HOP_P99_MS:.2f})")
+    finally:
+        await fleet.stop(graceful=False)
+        provider.stop()
+        await nodes.stop()
+        await pods.stop()
+        try:
+            await remove_env(client, ns, env)
+        finally:
+            await client.close()
 
 
 async def compare(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:
@@ -886,6 +968,10 @@ def main() -> int:
     parser.add_argument("--restart-settle", type=float, default=15.0,
                         help="broker-restart phase: seconds to keep watching after convergence before the "
                              "bases' install counts are read")
+    parser.add_argument("--http-bases", type=int, default=500,
+                        help="HTTP-tunnel phase: bases on arklet's HTTP tunnel (0: skip the phase)")
+    parser.add_argument("--http-hop-pods", type=int, default=200,
+                        help="HTTP-tunnel phase: module Pods for the hops, one per base")
     args = parser.parse_args()
     if args.compare_with and not (Path(args.compare_with) / "provider" / "controller.py").exists():
         parser.error(f"--compare-with {args.compare_with}: not a source tree (no provider/controller.py)")

@@ -62,6 +62,9 @@ ANNOTATION_PREFIX: Final = "module-controller.koupleless.io/"
 ANNOTATION_INSTALLED: Final = ANNOTATION_PREFIX + "installed"
 #: On a virtual Node: the base's own ID (the Node name is a sanitised form of it).
 ANNOTATION_BASE_ID: Final = ANNOTATION_PREFIX + "base-id"
+#: On a base's Lease: the holder replica's HTTP tunnel address (HOST:PORT), where the other replicas
+#: forward the heartbeats of that base they receive (provider/http_tunnel.py).
+ANNOTATION_HTTP_TUNNEL_ADDRESS: Final = ANNOTATION_PREFIX + "http-tunnel-address"
 
 # --- MQTT (arklet protocol, reference §2) --------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from koupleless import arklet
 from koupleless.kube.informer import object_key
@@ -22,17 +23,33 @@ from provider.state import BaseState, PendingOp
 log = logging.getLogger(__name__)
 
 
+def _live_module_pods(pods: PodReconciler, base: BaseState) -> list[dict[str, Any]]:
+    return [
+        pod for pod in pods.pods.on_node(base.node_name)
+        if not (pod.get("metadata") or {}).get("deletionTimestamp") and is_module_pod(pod)
+        and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+    ]
+
+
+def baseline_models(pods: PodReconciler, base: BaseState) -> list[arklet.BizModel]:
+    """What the base's live module Pods ask for, in Pod and container order, claiming nothing: the
+    answer of a replica that does not hold the base's Lease (the holder's own sync installs them)."""
+    by_key: dict[str, arklet.BizModel] = {}
+    for pod in _live_module_pods(pods, base):
+        for c in (pod.get("spec") or {}).get("containers") or []:
+            if isinstance(c, dict) and isinstance(c.get("name"), str):
+                m = module_from_container(c)
+                by_key.setdefault(m.biz_key, arklet.BizModel(m.biz_name, m.biz_version, m.biz_url))
+    return list(by_key.values())
+
+
 def claim_baseline(pods: PodReconciler, base: BaseState, connection: int) -> list[arklet.BizModel]:
     """The modules the base's Pods ask for, each marked in flight for its Pod as sent now on
     `connection` (0: not connected, the timeout then counts from the next send)."""
     now = time.monotonic()
     by_url: dict[str, arklet.BizModel] = {}
-    for pod in pods.pods.on_node(base.node_name):
+    for pod in _live_module_pods(pods, base):
         meta = pod.get("metadata") or {}
-        if meta.get("deletionTimestamp") or not is_module_pod(pod):
-            continue
-        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-            continue
         key = object_key(pod)
         rec = pods.records.get(key)
         if rec is None or not rec.admitted or rec.uid != str(meta.get("uid", "")):

@@ -19,7 +19,7 @@ from prometheus_client import Counter
 
 from koupleless import arklet, arklet_replies, keys
 from provider.admission import BaseAdmission
-from provider.state import BaseState, BizRecord
+from provider.state import ARKLET_HTTP_DEFAULT_PORT, TUNNEL_HTTP, TUNNEL_MQTT, BaseState, BizRecord
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ class BaseRegistry:
         self.by_node: dict[str, str] = {}
         #: Monotonic time since which this provider can hear the broker; None while it cannot.
         self.hearing_since: float | None = None
+        #: The same for HTTP-tunnel bases (since the heartbeat server listens), and their heartbeat
+        #: period: arklet's HTTP tunnel heartbeats every 12 s, whatever the MQTT bases do.
+        self.http_hearing_since: float | None = None
+        self.http_heartbeat_interval = heartbeat_interval
 
     # --- membership -------------------------------------------------------------------------------
 
@@ -113,6 +117,8 @@ class BaseRegistry:
             return
         self.hearing_since = time.monotonic()
         for base in self.bases.values():
+            if base.tunnel != TUNNEL_MQTT:
+                continue  # the broker says nothing about bases on another tunnel
             # A new connection may carry a base's messages in a new order (its own reconnect, a
             # broker that lost its queue): judge its timestamps afresh.
             base.last_ts.clear()
@@ -209,7 +215,7 @@ class BaseRegistry:
             base.heard_since_connect = True
             self.listener.base_heard_again(base)
 
-    def _on_heartbeat(self, base_id: str, hb: arklet.Heartbeat, ts: int) -> None:
+    def _on_heartbeat(self, base_id: str, hb: arklet.Heartbeat, ts: int, tunnel: str = TUNNEL_MQTT) -> None:
         base = self.bases.get(base_id)
         topic = arklet.topic(self.env, base_id, arklet.HEART)
         if base is None and not hb.activated:
@@ -220,7 +226,8 @@ class BaseRegistry:
                 MQTT_REJECTED.labels(not_now).inc()
                 return
         if base is None:
-            base = BaseState(base_id=base_id, node_name=keys.vnode_name(base_id))
+            base = BaseState(base_id=base_id, node_name=keys.vnode_name(base_id), tunnel=tunnel,
+                             tunnel_port=_tunnel_port(tunnel, hb))
             if not self.add(base):
                 self.reject("node_name_collision", topic,
                             f"{base_id} and {self.by_node[base.node_name]} both map to {base.node_name}")
@@ -239,6 +246,13 @@ class BaseRegistry:
             gap = now - base.last_heartbeat_at if base.last_heartbeat_at else LEGACY_HEARTBEAT_MAX_S
             base.heartbeat_every = min(max(gap, 0.0), LEGACY_HEARTBEAT_MAX_S)
         base.last_heartbeat_at = now
+        if (base.tunnel, base.tunnel_port) != (tunnel, _tunnel_port(tunnel, hb)):
+            log.info("base %s now speaks over %s%s", base_id, tunnel,
+                     f" at {hb.local_ip}:{_tunnel_port(tunnel, hb)}" if tunnel == TUNNEL_HTTP else "")
+            base.tunnel, base.tunnel_port = tunnel, _tunnel_port(tunnel, hb)
+            # Commands sent over the old tunnel (or before its first heartbeat here, to a base
+            # adopted from its Node) went nowhere: ask again over this one.
+            self.listener.base_heard_again(base)
         changed = base.gone or base.heartbeat is None or (
             base.heartbeat.metadata, base.heartbeat.local_ip, base.heartbeat.local_hostname
         ) != (hb.metadata, hb.local_ip, hb.local_hostname)
@@ -411,23 +425,26 @@ class BaseRegistry:
         heartbeat interval after it reconnects (the bases' first heartbeats are on their way), no
         base is judged at all."""
         now = time.monotonic() if now is None else now
-        since = self.hearing_since
-        if since is None or now - since < self.heartbeat_interval:
-            return []
         gone = []
         for base in list(self.bases.values()):
-            interval = max(self.heartbeat_interval, base.heartbeat_every or 0.0)
-            limit = interval * self.missed_heartbeats
-            goodbye_limit = interval * GOODBYE_CONFIRM_HEARTBEATS
+            if base.tunnel == TUNNEL_HTTP:
+                since, interval = self.http_hearing_since, self.http_heartbeat_interval
+            else:
+                since, interval = self.hearing_since, self.heartbeat_interval
+            if since is None or now - since < interval:
+                continue
+            # An old-dialect base beats at its own pace (runtime 1.3.0: every 120 s).
+            interval = max(interval, base.heartbeat_every or 0.0)
             silent = now - max(base.last_heard, since)
-            if base.ready and base.goodbye_at is not None and now - max(base.goodbye_at, since) > goodbye_limit:
+            if base.ready and base.goodbye_at is not None \
+                    and now - max(base.goodbye_at, since) > interval * GOODBYE_CONFIRM_HEARTBEATS:
                 self.set_not_ready(
                     base,
                     "BaseDeactivated",
                     f"base {base.base_id} reported state {base.goodbye_state!a} and sent no heartbeat "
                     f"for {now - base.goodbye_at:.0f}s after it",
                 )
-            elif base.ready and silent > limit:
+            elif base.ready and silent > interval * self.missed_heartbeats:
                 self.set_not_ready(
                     base,
                     "BaseHeartbeatMissed",
@@ -438,3 +455,45 @@ class BaseRegistry:
                 base.gone = True
                 gone.append(base)
         return gone
+
+    # --- other tunnels in ------------------------------------------------------------------------------
+
+    def receive(self, kind: str, data: object, ts: int, *, base_id: str = "", tunnel: str = TUNNEL_HTTP) -> None:
+        """A base's message that came without MQTT's topic and envelope (arklet's HTTP tunnel): `kind`
+        is the MQTT topic kind it stands for, `ts` the time that orders it among the base's messages
+        (the HTTP tunnel has no base timestamps; its caller stamps them). A heartbeat names its base
+        itself; anything else comes from `base_id`. Raises ArkletError for a message that cannot be
+        used, for the caller to answer or log."""
+        if kind == arklet.HEART:
+            identity = _heartbeat_identity(data)
+            self._on_heartbeat(identity, arklet.parse_heartbeat(data, identity), ts, tunnel)
+            return
+        base = self.bases.get(base_id)
+        if base is None:
+            return  # forgotten while the call was out; its next heartbeat brings it back
+        where = f"{tunnel} {kind} of {base_id}"
+        if kind == arklet.BIZ_OPERATION:
+            self._on_biz_operation(base, arklet.parse_biz_operation(data), ts, where)
+            return
+        if not self._in_order(base, kind, ts, where):
+            return
+        if kind == arklet.BIZ:
+            self._on_inventory(base, arklet.parse_biz(data), ts)
+        elif kind == arklet.BASE_HEALTH:
+            self._on_health(base, arklet.parse_health(data))
+        else:
+            raise ValueError(f"receive: {kind!r} is not a kind another tunnel delivers")
+        MQTT_HANDLED.labels(kind).inc()
+
+
+def _tunnel_port(tunnel: str, hb: arklet.Heartbeat) -> int:
+    if tunnel != TUNNEL_HTTP:
+        return 0
+    return hb.port if 0 < hb.port < 65536 else ARKLET_HTTP_DEFAULT_PORT
+
+
+def _heartbeat_identity(data: object) -> str:
+    """The identity a heartbeat claims, checked as such by parse_heartbeat ("" when it has none)."""
+    meta = data.get("baseMetadata") if isinstance(data, dict) else None
+    identity = meta.get("identity") if isinstance(meta, dict) else None
+    return identity if isinstance(identity, str) else ""

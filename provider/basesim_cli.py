@@ -12,6 +12,7 @@ from koupleless import keys, runtime
 from koupleless.http import add_health_routes
 from provider import basesim_dialects
 from provider.basesim import BaseSimulator
+from provider.basesim_http import HttpBaseSimulator
 from provider.tunnel import add_broker_arguments, broker_from_args
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ Inspecting and steering the bases (--status-port, HTTP on 127.0.0.1):
 Each action answers with the base's entry from /bases.
 Base IDs are <id-prefix><n>, n = 0..count-1 (default prefix <name>-<version with dots as dashes>-); with
 --dialect 1.3.0 or 1.3.2 they are random UUIDs and <id-prefix><n> is only the base's slot.
+
+--tunnel http: the bases speak arklet's HTTP tunnel instead of MQTT (no broker): each serves arklet's
+HTTP API on 127.0.0.1 at a port of its own (/bases shows it as "port", with "tunnel": "http") and POSTs
+its heartbeat to <--http-heartbeat-endpoint>/heartbeat; replay answers 409 (replies are synchronous).
 """
 
 
@@ -63,6 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     add_broker_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "mqtt_broker":
+            action.required = False  # not for --tunnel http; run() asks for it with --tunnel mqtt
+    parser.add_argument("--tunnel", choices=["mqtt", "http"], default="mqtt",
+                        help="how the bases reach the controller: MQTT (default) or arklet's HTTP tunnel")
+    parser.add_argument(
+        "--http-heartbeat-endpoint", metavar="URL",
+        help="with --tunnel http: the provider's HTTP tunnel, as koupleless.arklet.http.heartbeat.endpoint on a "
+        "real base (e.g. http://127.0.0.1:7777, or .../t/<token> with --http-tunnel-token-file)",
+    )
+    parser.add_argument("--http-first-port", type=int, default=0, metavar="PORT",
+                        help="with --tunnel http: base n serves arklet's HTTP API on PORT+n (default: free ports)")
     parser.add_argument("--env", default=keys.DEFAULT_ENV, help="topic env: koupleless_<env>/... (default dev)")
     parser.add_argument("--count", type=int, default=1, help="number of bases (default 1)")
     parser.add_argument("--name", default="base", help="base name label (default base)")
@@ -103,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_app(sim: BaseSimulator) -> web.Application:
     app = web.Application()
-    add_health_routes(app, ready=lambda: sim.tunnel.connected.is_set())
+    add_health_routes(app, ready=lambda: _connected(sim))
 
     async def bases(_: web.Request) -> web.Response:
         return web.json_response(sim.snapshot())
@@ -134,6 +151,13 @@ def make_app(sim: BaseSimulator) -> web.Application:
     return app
 
 
+def _connected(sim: BaseSimulator) -> bool:
+    """MQTT: connected to the broker; HTTP: the provider has taken a heartbeat."""
+    if isinstance(sim, HttpBaseSimulator):
+        return sim.heartbeats_ok > 0
+    return sim.tunnel.connected.is_set()
+
+
 def run(args: argparse.Namespace) -> int:
     runtime.setup_logging(args.log_level, args.log_format)
     if args.count < 1:
@@ -143,15 +167,21 @@ def run(args: argparse.Namespace) -> int:
         print("base-sim: --fail-rate is a probability between 0 and 1", flush=True)
         return 2
 
+    if args.tunnel == "http" and not args.http_heartbeat_endpoint:
+        print("base-sim: --tunnel http needs --http-heartbeat-endpoint URL (the provider's --http-tunnel-port)",
+              flush=True)
+        return 2
+    if args.tunnel == "mqtt" and not args.mqtt_broker:
+        print("base-sim: --mqtt-broker HOST:PORT is required (or --tunnel http)", flush=True)
+        return 2
     try:
-        broker = broker_from_args(args)
+        broker = broker_from_args(args) if args.tunnel == "mqtt" else None
     except ValueError as exc:
         print(f"base-sim: {exc}", flush=True)
         return 2
 
     async def main(stop: asyncio.Event) -> int:
-        sim = BaseSimulator(
-            broker,
+        sim_kwargs = dict(
             env=args.env,
             count=args.count,
             name=args.name,
@@ -170,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             late_health_metrics=args.late_health_metrics,
             dialect=args.dialect,
         )
+        sim = BaseSimulator(broker, **sim_kwargs) if broker is not None else HttpBaseSimulator(
+            args.http_heartbeat_endpoint, first_port=args.http_first_port, **sim_kwargs)
         runner = None
         if args.status_port:
             runner = web.AppRunner(make_app(sim), access_log=None)

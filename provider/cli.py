@@ -15,7 +15,7 @@ from koupleless import keys, runtime
 from koupleless.http import add_health_routes
 from koupleless.kube.client import KubeClient
 from koupleless.kube.config import KubeConfigError
-from provider import admission, kubelet_api, vnode
+from provider import admission, http_tunnel, kubelet_api, vnode
 from provider.controller import Provider, ProviderOptions
 from provider.tunnel import add_broker_arguments, broker_from_args
 from provider.vnode import NodeOptions
@@ -116,6 +116,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of the Pod's Node, as kubelet's --authorization-mode=Webhook (needs create on "
         "subjectaccessreviews); alwaysallow: every client the CA vouches for (default webhook)",
     )
+    g = parser.add_argument_group("HTTP tunnel (bases on arklet's HTTP tunnel, beside MQTT)")
+    g.add_argument(
+        "--http-tunnel-port", type=int, default=0, metavar="PORT",
+        help="serve arklet's HTTP tunnel here: bases with koupleless.arklet.http.heartbeat.endpoint=<URL of this "
+        f"port> POST /heartbeat to it, and get their commands at their own IP and arklet port (0: off; "
+        f"arklet's and the manifest's port: {http_tunnel.DEFAULT_PORT})",
+    )
+    g.add_argument("--http-tunnel-bind-address", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the HTTP tunnel listens on (default 127.0.0.1; 0.0.0.0 in a cluster)")
+    g.add_argument(
+        "--http-tunnel-advertise-address", metavar="HOST:PORT",
+        help="where the other provider replicas reach this one's HTTP tunnel, written on the Leases it holds: "
+        "a heartbeat that reaches a replica not holding the base's Lease is forwarded there "
+        "(default $POD_IP:<port>, else the bind address or this host's name)",
+    )
+    g.add_argument("--http-tunnel-tls-cert", metavar="FILE",
+                   help="serve HTTPS with this certificate (PEM), reloaded on change; every replica mounts the same "
+                   "one (a replica forwarding a heartbeat accepts exactly this certificate from the holder)")
+    g.add_argument("--http-tunnel-tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    g.add_argument("--http-tunnel-client-ca", metavar="FILE",
+                   help="accept bases presenting a client certificate signed by this CA bundle (needs TLS)")
+    g.add_argument(
+        "--http-tunnel-token-file", metavar="FILE",
+        help="accept bases sending one of these bearer tokens (one a line; reread on change): header "
+        "'Authorization: Bearer <token>', or, as arklet's heartbeat sends no headers, an endpoint ending in "
+        "/t/<token>. Replicas forward heartbeats with the first one. With neither this nor a client CA, anyone "
+        "reaching the port can register a base",
+    )
+    g.add_argument("--http-heartbeat-interval", type=float, default=12.0, metavar="S",
+                   help="heartbeat period of HTTP-tunnel bases, judged with --missed-heartbeats (default 12, arklet's)")
     parser.add_argument("--http-host", default="0.0.0.0", help="address for /healthz /readyz /metrics")
     parser.add_argument("--http-port", type=int, default=8081, help="port for /healthz /readyz /metrics (0: off)")
     runtime.add_logging_arguments(parser)
@@ -138,15 +168,45 @@ def kubelet_settings(args: argparse.Namespace) -> kubelet_api.KubeletSettings | 
     )
 
 
+def http_tunnel_settings(args: argparse.Namespace) -> http_tunnel.HttpTunnelSettings | None:
+    """The HTTP tunnel to serve, or None (--http-tunnel-port 0). Raises ValueError naming a bad flag."""
+    port = getattr(args, "http_tunnel_port", 0)
+    if not port:
+        return None
+    if not 0 < port < 65536:
+        raise ValueError(f"--http-tunnel-port {port}: a TCP port, 1-65535 (0: off)")
+    if bool(args.http_tunnel_tls_cert) != bool(args.http_tunnel_tls_key):
+        raise ValueError("--http-tunnel-tls-cert and --http-tunnel-tls-key go together")
+    if args.http_tunnel_client_ca and not args.http_tunnel_tls_cert:
+        raise ValueError("--http-tunnel-client-ca needs TLS: add --http-tunnel-tls-cert and --http-tunnel-tls-key")
+    for flag, path in (("--http-tunnel-tls-cert", args.http_tunnel_tls_cert), ("--http-tunnel-tls-key", args.http_tunnel_tls_key),
+                       ("--http-tunnel-client-ca", args.http_tunnel_client_ca),
+                       ("--http-tunnel-token-file", args.http_tunnel_token_file)):
+        if path and not os.access(path, os.R_OK):
+            raise ValueError(f"{flag} {path}: no such file, or not readable")
+    if args.http_tunnel_token_file:
+        http_tunnel.Tokens(args.http_tunnel_token_file)  # at least one token in it
+    if args.http_heartbeat_interval <= 0:
+        raise ValueError(f"--http-heartbeat-interval {args.http_heartbeat_interval}: a period in seconds, over 0")
+    return http_tunnel.HttpTunnelSettings(
+        port=port, bind=args.http_tunnel_bind_address,
+        advertise=args.http_tunnel_advertise_address or http_tunnel.default_advertise(args.http_tunnel_bind_address, port),
+        cert_file=args.http_tunnel_tls_cert, key_file=args.http_tunnel_tls_key, client_ca=args.http_tunnel_client_ca,
+        token_file=args.http_tunnel_token_file,
+    )
+
+
 def options_from_args(args: argparse.Namespace) -> ProviderOptions:
     identity = args.identity or os.environ.get("POD_NAME") or socket.gethostname()
     kubelet = kubelet_settings(args)
+    tunnel = http_tunnel_settings(args)
     return ProviderOptions(
         env=args.env,
         identity=identity,
         node=NodeOptions(env=args.env, max_pods=args.max_pods, max_modules=args.max_modules, env_taint=args.env_taint,
                          lease_duration_s=args.lease_duration, approve_new_bases=args.approve_new_bases,
-                         kubelet_address=kubelet.address if kubelet else "", kubelet_port=kubelet.port if kubelet else 0),
+                         kubelet_address=kubelet.address if kubelet else "", kubelet_port=kubelet.port if kubelet else 0,
+                         http_tunnel_address=tunnel.advertise if tunnel else ""),
         lease_renew_interval=args.lease_duration / 4,
         heartbeat_interval=args.heartbeat_interval,
         missed_heartbeats=args.missed_heartbeats,
@@ -162,6 +222,8 @@ def options_from_args(args: argparse.Namespace) -> ProviderOptions:
             allowed_cluster_names=admission.parse_name_list(args.allowed_cluster_names),
             new_bases_per_minute=args.new_bases_per_minute,
         ),
+        http_tunnel=tunnel,
+        http_heartbeat_interval=getattr(args, "http_heartbeat_interval", 12.0),
     )
 
 
@@ -187,7 +249,11 @@ def run(args: argparse.Namespace) -> int:
     if args.new_bases_per_minute < 0:
         log.error("--new-bases-per-minute %d: give 0 (no limit) or more", args.new_bases_per_minute)
         return 2
-    opts = options_from_args(args)
+    try:
+        opts = options_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     kubelet = kubelet_settings(args)
     if kubelet is not None:
         for flag, path in (("--kubelet-client-ca", kubelet.client_ca), ("--kubelet-tls-cert", kubelet.cert_file),
@@ -226,9 +292,15 @@ def run(args: argparse.Namespace) -> int:
         starting = asyncio.ensure_future(provider.start())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        rc = 0
         if starting.done():
-            starting.result()
-            await stopping
+            try:
+                starting.result()
+                await stopping
+            except OSError as exc:  # ssl.SSLError is one: a port taken, certificate files that do not load
+                log.error("provider cannot start: %s", exc)
+                stopping.cancel()
+                rc = 2
         else:
             starting.cancel()
         await provider.stop()
@@ -237,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         if runner:
             await runner.cleanup()
         await kube.close()
-        return 0
+        return rc
 
     profile_to = os.environ.get("KOUPLELESS_PROFILE")
     if not profile_to:

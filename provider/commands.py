@@ -1,4 +1,5 @@
-"""Commands to bases over MQTT: installBiz, uninstallBiz, queryAllBiz, health, baseline.
+"""Commands to bases: installBiz, uninstallBiz, queryAllBiz, health, baseline, over each base's own
+tunnel (MQTT, or arklet's HTTP API: provider/http_commands.py).
 
 Commands are hints, never retained (reference §8.4: a retained installBiz would be replayed to a
 restarted base) and never trusted to arrive: the Pod reconciler keeps what it sent and sends it
@@ -14,7 +15,8 @@ import orjson
 from prometheus_client import Counter
 
 from koupleless import arklet
-from provider.state import BaseState
+from provider.http_commands import HttpCommands
+from provider.state import TUNNEL_HTTP, BaseState
 from provider.tunnel import MqttTunnel
 
 log = logging.getLogger(__name__)
@@ -30,19 +32,27 @@ INVENTORY_MIN_INTERVAL_S = 1.0
 
 
 class CommandSender:
-    def __init__(self, tunnel: MqttTunnel, env: str) -> None:
+    def __init__(self, tunnel: MqttTunnel, env: str, http: HttpCommands | None = None) -> None:
         self.tunnel = tunnel
         self.env = env
+        self.http = http
 
     @property
     def connection(self) -> int:
         """Which MQTT connection a command goes out on now (0 while there is none)."""
         return self.tunnel.connect_count if self.tunnel.connected.is_set() else 0
 
+    def connection_for(self, base: BaseState) -> int:
+        """`connection` for this base's tunnel: HTTP calls need no connection, so never wait for one."""
+        return 1 if base.tunnel == TUNNEL_HTTP else self.connection
+
     def publish(self, base: BaseState, command: str, model: arklet.BizModel | None = None) -> bool:
-        """Hand one command to the tunnel; False when the outbox is full and it was dropped."""
-        qos = 1 if model is not None else 0
-        ok = self.tunnel.send(arklet.topic(self.env, base.base_id, command), arklet.encode_command(model), qos=qos)
+        """Hand one command to the base's tunnel; False when it was dropped (outbox or backlog full)."""
+        if base.tunnel == TUNNEL_HTTP:
+            ok = self.http is not None and self.http.send(base, command, model)
+        else:
+            qos = 1 if model is not None else 0
+            ok = self.tunnel.send(arklet.topic(self.env, base.base_id, command), arklet.encode_command(model), qos=qos)
         if ok:
             COMMANDS.labels(command).inc()
         else:

@@ -1,7 +1,8 @@
 """The provider: plays kubelet for Koupleless bases. This file only wires the parts together.
 
 - `bases.BaseRegistry`: MQTT in -> what each base reports (no Kubernetes).
-- `commands.CommandSender`: commands out over the tunnel.
+- `commands.CommandSender`: commands out over each base's tunnel (MQTT, or `http_commands`).
+- `http_tunnel.HttpTunnelServer`: heartbeats of bases on arklet's HTTP tunnel (when on).
 - `pods.PodReconciler`: module Pods, desired vs observed -> commands, status, Events, final delete.
 - `nodes.NodeReconciler`: Nodes, their status and Leases.
 Each reconciler owns one work queue, the only writer of its objects. The background loops here
@@ -26,13 +27,15 @@ from koupleless.kube.informer import Informer
 from koupleless.supervise import Supervisor
 from provider import vnode
 from provider.admission import AdmissionOptions, BaseAdmission
-from provider.baseline import claim_baseline
+from provider.baseline import baseline_models, claim_baseline
 from provider.bases import BaseRegistry
 from provider.commands import CommandSender
+from provider.http_commands import HttpCallOptions, HttpCommands, Stamps
+from provider.http_tunnel import HttpTunnelServer, HttpTunnelSettings
 from provider.nodes import NodeReconciler, NodeReconcilerOptions
 from provider.pods import PodOptions, PodReconciler
 from provider.podsource import PodSource
-from provider.state import BaseState
+from provider.state import TUNNEL_HTTP, BaseState
 from provider.tunnel import BrokerOptions, MqttTunnel
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,9 @@ class ProviderOptions:
     orphan_policy: str = "report"
     workers: int = 16
     admission: AdmissionOptions = field(default_factory=AdmissionOptions)
+    #: arklet's HTTP tunnel beside MQTT (None: off), and its bases' heartbeat period (arklet: 12 s).
+    http_tunnel: HttpTunnelSettings | None = None
+    http_heartbeat_interval: float = 12.0
 
 
 class Provider:
@@ -93,7 +99,12 @@ class Provider:
             outbox_limit=OUTBOX_LIMIT,
             name="provider",
         )
-        self.commands = CommandSender(self.tunnel, env)
+        self.registry.http_heartbeat_interval = opts.http_heartbeat_interval
+        self.stamps = Stamps()
+        self.http_commands = HttpCommands(
+            self.registry, self.stamps, self._on_call_failed, HttpCallOptions(operation_timeout=opts.install_timeout)
+        ) if opts.http_tunnel else None
+        self.commands = CommandSender(self.tunnel, env, self.http_commands)
         self.pod_reconciler = PodReconciler(
             kube, self.registry, self.commands, self.pods, self.events,
             PodOptions(install_timeout=opts.install_timeout, orphan_policy=opts.orphan_policy, workers=opts.workers),
@@ -104,6 +115,10 @@ class Provider:
                                   lease_renew_interval=opts.lease_renew_interval, workers=opts.workers),
             on_owned=self._on_owned,
         )
+        self.http_server = HttpTunnelServer(
+            opts.http_tunnel, self.registry, self.stamps, identity=opts.identity,
+            baseline=self.baseline_answer,
+        ) if opts.http_tunnel else None
         self.supervisor = Supervisor("provider")
         self._health_retry: set[str] = set()
         self.started = False
@@ -141,6 +156,9 @@ class Provider:
         self.pod_reconciler.queue.start()
         self.node_reconciler.queue.start()
         await self.tunnel.start()
+        if self.http_commands is not None and self.http_server is not None:
+            await self.http_commands.start()
+            await self.http_server.start()  # OSError (port taken) or ssl.SSLError: the caller says so
         sup = self.supervisor
         sup.spawn(self._liveness_loop, name="liveness")
         sup.spawn(lambda: self._every(self.opts.resync_interval, self._resync_round), name="resync")
@@ -158,6 +176,10 @@ class Provider:
         await self.pod_reconciler.queue.stop()
         await self.node_reconciler.queue.stop()
         await self.tunnel.stop()
+        if self.http_server is not None:
+            await self.http_server.stop()
+        if self.http_commands is not None:
+            await self.http_commands.stop()
         await self.nodes.stop()
         await self.pods.stop()
         await self.events.stop()
@@ -169,7 +191,7 @@ class Provider:
         if up:
             log.info("MQTT up: asking every base for its modules and health")
             for base in list(self.registry.bases.values()):
-                if base.owned:
+                if base.owned and base.tunnel != TUNNEL_HTTP:
                     self.commands.request_inventory(base, force=True)
                     self.commands.request_health(base)
         else:
@@ -214,13 +236,24 @@ class Provider:
 
         asyncio.get_running_loop().call_later(HEALTH_RETRY_S, ask)
 
+    def baseline_answer(self, base: BaseState) -> list[arklet.BizModel]:
+        """One answer to a base's queryBaseline, whichever tunnel asked: the holder of its Lease
+        claims the modules (in flight until the batch answer or an inventory settles them)."""
+        if not base.owned:
+            return baseline_models(self.pod_reconciler, base)
+        return claim_baseline(self.pod_reconciler, base, self.commands.connection_for(base))
+
     def baseline_requested(self, base_id: str, base: BaseState | None, metadata: arklet.BaseMetadata) -> None:
         if base is not None and not base.owned:
             return  # the replica holding its Lease answers
-        models = claim_baseline(self.pod_reconciler, base, self.commands.connection) if base else []
+        models = self.baseline_answer(base) if base else []
         log.info("base %s (%s %s) asked for its baseline: %d modules", ascii(base_id), ascii(metadata.name),
                  ascii(metadata.version), len(models))
         self.commands.send_baseline(base_id, models)
+
+    def _on_call_failed(self, base: BaseState, command: str, model: arklet.BizModel | None, why: str) -> None:
+        if model is not None:
+            self.pod_reconciler.on_call_failed(base, command, model.key, why)
 
     def _on_owned(self, base: BaseState) -> None:
         self.pod_reconciler.enqueue_node(base.node_name)
@@ -248,9 +281,11 @@ class Provider:
             next_at += period
             if loop.time() > next_at:
                 next_at = loop.time() + period  # fell behind: do not run rounds back to back
-            if not self.tunnel.connected.is_set():
+            mqtt_up = self.tunnel.connected.is_set()
+            bases = [b for b in self.registry.bases.values()
+                     if b.owned and b.ready and (mqtt_up or b.tunnel == TUNNEL_HTTP)]
+            if not bases:
                 continue
-            bases = [b for b in self.registry.bases.values() if b.owned and b.ready]
             await round_(bases, period)
 
     async def _resync_round(self, bases: list[BaseState], period: float) -> None:

@@ -226,6 +226,8 @@ class NodeReconciler:
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
         left = self.leases.seconds_left(base.node_name, lease)
+        address = ((lease.get("metadata") or {}).get("annotations") or {}).get(keys.ANNOTATION_HTTP_TUNNEL_ADDRESS)
+        base.lease_holder_address = address if holder != me and isinstance(address, str) else ""
         if holder != me and left >= 0:
             if base.owned:
                 log.warning("base %s: Lease held by %s; leaving it to that replica", base.base_id, holder)

@@ -228,7 +228,7 @@ class PodReconciler:
 
     def _send(self, key: str, pod: dict[str, Any], rec: PodRecord, base: BaseState, name: str, command: str,
               module: Module) -> None:
-        connection = self.commands.connection
+        connection = self.commands.connection_for(base)
         sent = self.commands.publish(base, command, _model(module))
         rec.pending[name] = PendingOp(command, module, time.monotonic() if sent and connection else None, connection)
         base.pending[(command, module.biz_key)] = key
@@ -338,11 +338,34 @@ class PodReconciler:
                 if pend.baseline:
                     continue  # the base's batch answer settles it; its timeout is the safety net
                 if self.commands.publish(base, pend.command, _model(pend.module)):
-                    pend.sent_at = time.monotonic() if self.commands.connection else None
-                    pend.connection = self.commands.connection
+                    pend.sent_at = time.monotonic() if self.commands.connection_for(base) else None
+                    pend.connection = self.commands.connection_for(base)
             self.queue.add(object_key(pod))
 
     # --- replies ----------------------------------------------------------------------------------
+
+    def on_call_failed(self, base: BaseState, command: str, biz_key: str, why: str) -> None:
+        """A command that the tunnel knows got no answer (an HTTP call refused or timed out): what a
+        timeout says, said now. A failed install is retried with back-off; a failed uninstall is sent
+        again in RETRY_INITIAL_S; either way the base's module list is asked for, in case it acted."""
+        pod_key = base.pending.get((command, biz_key))
+        self.commands.request_inventory(base)
+        rec = self.records.get(pod_key) if pod_key else None
+        pod = self.pods.get(pod_key) if pod_key else None
+        if rec is None or pod is None or not pod_key:
+            base.pending.pop((command, biz_key), None)
+            return
+        for name, pend in list(rec.pending.items()):
+            if pend.command != command or pend.module.biz_key != biz_key:
+                continue
+            if command == arklet.CMD_INSTALL_BIZ:
+                del rec.pending[name]
+                base.pending.pop((command, biz_key), None)
+                self._record_failure(pod, rec, name, biz_key, f"installBiz {biz_key} on base {base.base_id} failed: {why}")
+            elif pend.sent_at is not None:
+                # Left pending (a Pod being deleted waits for it), due again in RETRY_INITIAL_S.
+                pend.sent_at = min(pend.sent_at, time.monotonic() - self.opts.install_timeout + RETRY_INITIAL_S)
+        self.queue.add(pod_key)
 
     def on_reply(self, base: BaseState, op: arklet.BizOperation) -> None:
         pod_key = base.pending.pop((op.command, op.key), None)

@@ -17,6 +17,12 @@ from koupleless.model import Module, biz_key
 
 CONTAINER_ID_SCHEME = "arklet://"
 
+#: How a base is reached: its MQTT topics, or arklet's HTTP API at its IP and port (reference §3).
+TUNNEL_MQTT = "mqtt"
+TUNNEL_HTTP = "http"
+#: arklet's HTTP port when a heartbeat says none.
+ARKLET_HTTP_DEFAULT_PORT = 1238
+
 
 @dataclass(frozen=True, slots=True)
 class BizRecord(arklet.BizStatus):
@@ -75,6 +81,13 @@ class BaseState:
     last_heartbeat_at: float = 0.0
     #: bizUrl -> module of the baseline last sent to this base (to read its batch answer by).
     baseline: dict[str, arklet.BizModel] = field(default_factory=dict)
+    #: The tunnel its last heartbeat came over (TUNNEL_MQTT or TUNNEL_HTTP), and for HTTP the port
+    #: of arklet's HTTP API on `ip` (the heartbeat's `port`).
+    tunnel: str = TUNNEL_MQTT
+    tunnel_port: int = 0
+    #: While another replica holds the base's Lease: that replica's HTTP tunnel address, from the
+    #: Lease, where heartbeats this replica receives for the base are forwarded ("" if unknown).
+    lease_holder_address: str = ""
 
     @property
     def ip(self) -> str:

@@ -33,6 +33,9 @@ class NodeOptions:
     kubelet_port: int = 0
     #: New Nodes start tainted `keys.TAINT_UNAPPROVED` until an operator removes the taint.
     approve_new_bases: bool = False
+    #: This replica's HTTP tunnel as the other replicas reach it (HOST:PORT), written on the Leases
+    #: it holds: they forward there the heartbeats of its bases that reach them ("" when off).
+    http_tunnel_address: str = ""
 
 
 def node_labels(base: BaseState, opts: NodeOptions) -> dict[str, str]:
@@ -188,11 +191,14 @@ def build_node(base: BaseState, opts: NodeOptions, now: str) -> dict[str, Any]:
 def build_lease(base: BaseState, holder: str, opts: NodeOptions, transitions: int = 0,
                 acquire_time: str | None = None) -> dict[str, Any]:
     owner = {"apiVersion": "v1", "kind": "Node", "name": base.node_name, "uid": base.node_uid} if base.node_uid else None
-    return lease.lease_body(
+    body = lease.lease_body(
         base.node_name, LEASE_NAMESPACE, holder, opts.lease_duration_s, transitions,
         labels={keys.LABEL_COMPONENT_LEGACY: keys.COMPONENT_VNODE_LEASE, keys.LABEL_VNODE_ENV: opts.env},
         owner=owner, acquire_time=acquire_time,
     )
+    if opts.http_tunnel_address:
+        body["metadata"]["annotations"] = {keys.ANNOTATION_HTTP_TUNNEL_ADDRESS: opts.http_tunnel_address}
+    return body
 
 
 def _arch() -> str:
