@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +25,58 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+#: Ports for servers we start come from below the kernel's ephemeral range: a port the kernel calls
+#: free there can be some outgoing connection's local port a moment later, before the child binds it
+#: (seen as kube-apiserver's "bind: address already in use" with two test runs side by side).
+_LOWEST_PORT = 10_000
+#: One file per port handed out, so concurrent runs on this machine never hand out the same port;
+#: a reservation older than this is stale (its run ended or long since bound it).
+_RESERVATIONS = Path(tempfile.gettempdir()) / "koupleless-ports"
+_RESERVATION_TTL_S = 900.0
+_random = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _reserve(port: int) -> bool:
+    path = _RESERVATIONS / str(port)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - path.stat().st_mtime < _RESERVATION_TTL_S:
+                return False
+            os.utime(path)
+            return True
+        except OSError:
+            return False
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
+    """A loopback TCP port nobody uses, reserved for the caller against other runs on this machine."""
+    high = _ephemeral_low() - 1
+    if high - _LOWEST_PORT >= 1000:
+        with contextlib.suppress(OSError):
+            _RESERVATIONS.mkdir(mode=0o700, exist_ok=True)
+            for _ in range(500):
+                port = _random.randint(_LOWEST_PORT, high)
+                if _reserve(port) and _bindable(port):
+                    return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
