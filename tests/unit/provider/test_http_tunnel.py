@@ -66,6 +66,10 @@ class HttpRig:
         for base_id in sim.bases:
             await wait_until_async(lambda b=base_id: self.rig.registry.get(b), 5, what=f"base {base_id} heard")
             self.rig.base(base_id).owned = True
+            # Installs wait for a base's first module list; a test that kills a base must not kill it
+            # before that list is in (the install would then never be tried).
+            await wait_until_async(lambda b=base_id: self.rig.base(b).inventory_known, 5,
+                                   what=f"base {base_id}'s module list")
         return sim
 
     async def calls_done(self) -> None:
