@@ -10,7 +10,8 @@ from aiohttp import web
 
 from koupleless import keys, runtime
 from koupleless.http import add_health_routes
-from provider.basesim import BaseSimulator
+from provider import basesim_logins
+from provider.basesim import BaseSimulator, default_id_prefix, sim_base_ids
 from provider.tunnel import add_broker_arguments, broker_from_args
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     add_broker_arguments(parser)
+    basesim_logins.add_arguments(parser)
     parser.add_argument("--env", default=keys.DEFAULT_ENV, help="topic env: koupleless_<env>/... (default dev)")
     parser.add_argument("--count", type=int, default=1, help="number of bases (default 1)")
     parser.add_argument("--name", default="base", help="base name label (default base)")
@@ -82,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_app(sim: BaseSimulator) -> web.Application:
     app = web.Application()
-    add_health_routes(app, ready=lambda: sim.tunnel.connected.is_set())
+    add_health_routes(app, ready=sim.connected)
 
     async def bases(_: web.Request) -> web.Response:
         return web.json_response(sim.snapshot())
@@ -122,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         broker = broker_from_args(args)
+        prefix = args.id_prefix if args.id_prefix is not None else default_id_prefix(args.name, args.base_version)
+        logins = basesim_logins.logins_from_args(args, broker, sim_base_ids(prefix, args.count))
     except ValueError as exc:
         print(f"base-sim: {exc}", flush=True)
         return 2
@@ -145,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
             version_from_jar=args.version_from_jar,
             goodbye=args.goodbye,
             late_health_metrics=args.late_health_metrics,
+            logins=logins,
+            client_prefix=args.client_id_prefix,
         )
         runner = None
         if args.status_port:
