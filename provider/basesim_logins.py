@@ -67,7 +67,7 @@ def logins_from_args(args: argparse.Namespace, broker: BrokerOptions,
         for f in (cert, key):
             if not os.access(f, os.R_OK):
                 raise ValueError(f"--base-cert-dir {args.base_cert_dir}: no readable {f.name} for base {b!r}; "
-                                 f"issue it with `module-controller certs base-client --base-id {b}`")
+                                 f"issue it with `module-controller certs --base-client {b} --out-dir DIR`")
         logins[b] = dataclasses.replace(broker, username=None, password=None, cert_file=str(cert),
                                         key_file=str(key), tls=True)
     return logins
