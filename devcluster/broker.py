@@ -104,6 +104,9 @@ class Broker:
             self._accounts.setdefault(FLEET_USER, secrets.token_urlsafe(18))
 
     def start(self) -> Broker:
+        if self.identity and self.tls_cert is not None and self.client_ca is None:
+            raise StartError("mosquitto", "with identity, tls_cert/tls_key serve the client-certificate listener: "
+                             "give client_ca too (or identity=False for a TLS broker without accounts)", None)
         binary = find_mosquitto()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
