@@ -657,7 +657,7 @@ async def kill_broker(broker: Broker) -> None:
 async def start_broker_again(broker: Broker) -> Broker:
     """The broker back on the same address (a new workdir when it was stopped rather than killed)."""
     if getattr(broker, "kill", None) is None:
-        broker = Broker(host=broker.host, port=broker.port)
+        broker = Broker(identity=False, host=broker.host, port=broker.port)
     await asyncio.to_thread(broker.start)
     return broker
 
@@ -671,7 +671,7 @@ async def broker_restart(args: argparse.Namespace, cp: ControlPlane) -> None:
     ns = f"bench-rs-{os.getpid()}"
     client = KubeClient.from_kubeconfig(str(cp.kubeconfig), qps=None)
     nodes, pods, ready_at = await watch_namespace(client, ns, env, "restart")
-    broker = Broker(port=free_port())
+    broker = Broker(identity=False, port=free_port())
     await asyncio.to_thread(broker.start)
     http_port = free_port()
     log_path = Path(args.workdir) / "provider-restart.log"
@@ -978,7 +978,10 @@ def main() -> int:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     import uvloop
 
-    with ControlPlane() as cp, Broker() as broker:
+    # An anonymous broker without ACLs: the bench measures the provider, and its bases share one
+    # connection (see README "Security" for what per-base connections cost), as does a --compare-with
+    # tree that predates broker accounts.
+    with ControlPlane() as cp, Broker(identity=False) as broker:
         uvloop.run(run_all(args, cp, broker))
     return 0
 

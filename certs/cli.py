@@ -1,5 +1,6 @@
 """`module-controller certs`: write ca.crt, tls.crt and tls.key for the webhook, and optionally put
-the CA bundle into its MutatingWebhookConfiguration (a manifest file, or the live object).
+the CA bundle into its MutatingWebhookConfiguration (a manifest file, or the live object). With
+--base-client: client certificates for bases on the MQTT broker instead (certs/base_client.py).
 
 Running it again over the same directory keeps the CA (ca.crt + ca.key) and re-issues the serving
 certificate, so a running webhook picks up the new pair and the apiserver keeps trusting it.
@@ -13,7 +14,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from certs import pki, secrets
+from certs import base_client, pki, secrets
 from certs.inject import InjectError, inject_live, inject_manifest
 from certs.secrets import SecretError
 from koupleless.kube.client import ApiError, KubeClient
@@ -79,6 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ca.crt (the one the webhook Deployment mounts)",
     )
     parser.add_argument(
+        "--base-client",
+        action="append",
+        default=[],
+        metavar="BASEID",
+        help="instead of the webhook's certificate: a client certificate for this base on the MQTT broker's "
+        "mutual-TLS listener (CN = BASEID), written as <out-dir>/BASEID.crt and .key and signed by the "
+        "out-dir's CA (repeatable; base-sim --base-cert-dir reads that layout)",
+    )
+    parser.add_argument(
         "--kubeconfig",
         help="kubeconfig for --ca-secret, --tls-secret and --inject-live "
         "(default: $KUBECONFIG, in-cluster, ~/.kube)",
@@ -113,6 +123,8 @@ def _run(args: argparse.Namespace) -> int:
             ipaddress.ip_address(ip)
         except ValueError:
             raise ValueError(f"--ip {ip!r} is not an IP address; put host names in --dns-name") from None
+    if args.base_client:
+        return _run_base_clients(args)
     dns_names = list(args.dns_name)
     if args.service or not (args.dns_name or args.ip):
         dns_names += service_names(args.service or DEFAULT_NAME, args.namespace)
@@ -124,6 +136,23 @@ def _run(args: argparse.Namespace) -> int:
     _write_leaf(args, ca, dns_names, out)
     if args.inject_manifest:
         _inject_manifest(args, ca)
+    return 0
+
+
+def _run_base_clients(args: argparse.Namespace) -> int:
+    webhook_flags = [f for f, v in (("--dns-name", args.dns_name), ("--ip", args.ip), ("--service", args.service),
+                                    ("--inject-manifest", args.inject_manifest), ("--inject-live", args.inject_live),
+                                    ("--ca-secret", args.ca_secret), ("--tls-secret", args.tls_secret)) if v]
+    if webhook_flags:
+        raise ValueError(f"--base-client issues base certificates only; {', '.join(webhook_flags)} belong to the "
+                         "webhook's certificate: run them separately, with another --out-dir")
+    for base_id in args.base_client:
+        base_client.check_base_id(base_id)
+    out = Path(args.out_dir)
+    ca, made = load_or_make_ca(out, args.ca_days, new=args.new_ca)
+    print(f"{'new' if made else 'kept'} CA {out / CA_CERT} (the broker's cafile for base certificates)")
+    for cert in base_client.issue_base_clients(ca, args.base_client, out, args.days):
+        print(f"base client certificate {cert} (CN {cert.stem}), key {cert.with_suffix('.key')}, {args.days} days")
     return 0
 
 

@@ -25,6 +25,7 @@ from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, StartError, free_port
 from extender.config import MODULE_SCHEDULER_NAME
+from provider.basesim import default_id_prefix, sim_base_ids
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 SAMPLE_DEPLOYMENT = MANIFESTS / "samples" / "module-deployment.yaml"
@@ -177,7 +178,7 @@ class DevStack:
         proc = self._spawn(
             "provider",
             self._cli("provider", "--kubeconfig", str(self._component_kubeconfig("module-controller-provider")),
-                      "--mqtt-broker", self.broker.address,
+                      "--mqtt-broker", self.broker.address, *self.broker.provider_args(),
                       "--env", self.options.env, "--max-modules", str(self.options.max_modules),
                       "--http-host", "127.0.0.1", "--http-port", str(port),
                       # kubectl logs / exec on module Pods: kube-apiserver calls the provider.
@@ -191,9 +192,15 @@ class DevStack:
         proc = self._spawn(
             "base-sim",
             self._cli("base-sim", "--mqtt-broker", self.broker.address, "--env", o.env, "--count", str(o.bases),
-                      "--name", o.base_name, "--version", o.base_version, "--status-port", str(self.base_sim_port)),
+                      "--name", o.base_name, "--version", o.base_version, "--status-port", str(self.base_sim_port),
+                      *self.base_logins(sim_base_ids(default_id_prefix(o.base_name, o.base_version), o.bases))),
         )
         proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{self.base_sim_port}/readyz"), timeout=30)
+
+    def base_logins(self, base_ids: list[str]) -> list[str]:
+        """base-sim's flags for these bases to log in to the dev broker, each as its own baseID
+        (the accounts are made now)."""
+        return ["--base-password-file", str(self.broker.add_bases(base_ids))]
 
     def _wait_nodes_ready(self, timeout: float = 90) -> None:
         self.poll(lambda: len(self.ready_vnodes()) >= self.options.bases or None, timeout,
@@ -274,6 +281,9 @@ class DevStack:
             "  kubectl delete deployment test-module-deployment --namespace default",
             "",
             f"  {sys.executable} -m koupleless.cli status --kubeconfig {kubeconfig}",
+            "",
+            f"MQTT broker {self.broker.address}: no anonymous clients; each base logs in as its own baseID",
+            f"(passwords: {self.broker.workdir}/bases-*.passwords), the provider as provider (README \"Security\").",
             "",
             f"Logs: {self.workdir / 'logs'}   Stop: Ctrl-C (stops everything this command started).",
         ])

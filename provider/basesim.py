@@ -3,8 +3,13 @@
 Each base has its own baseID, IP and module table, subscribes to its own command topics, heartbeats,
 answers installBiz / uninstallBiz / queryAllBiz / health / baseline with the payloads arklet
 publishes, and announces itself on every start with queryBaseline and then its first heartbeat, as
-arklet does. All bases share one MQTT connection so a thousand of them fit in a process; on the
-wire each message is what a real base would send.
+arklet does. On the wire each message is what a real base would send.
+
+Connections: with `logins` (baseID -> broker options, user name = the baseID) every base has its own
+MQTT connection and identity, client id `<client_prefix>@@@<baseID>` like arklet's, so a broker
+that gives each base its own account and ACL sees exactly what real bases do. Without it all bases
+share one connection and one account, which lets thousands of them fit in a process (paho runs a
+thread per connection), but needs an account allowed to speak for every base.
 
 Install semantics follow a base configured for rolling upgrades (activate.new.module=true): a new
 version of a module becomes ACTIVATED and the old one DEACTIVATED; installing a name:version that is
@@ -32,6 +37,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +154,14 @@ def sim_ip(base_id: str) -> str:
     return f"10.{digest[0]}.{digest[1]}.{digest[2] % 254 + 1}"
 
 
+def default_id_prefix(name: str, version: str) -> str:
+    return f"{name}-{version.replace('.', '-')}-"
+
+
+def sim_base_ids(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(count)]
+
+
 class BaseSimulator:
     def __init__(
         self,
@@ -170,6 +184,8 @@ class BaseSimulator:
         goodbye: bool = False,
         late_health_metrics: bool = True,
         dialect: str = dialects.CURRENT.name,
+        logins: Mapping[str, BrokerOptions] | None = None,
+        client_prefix: str = "koupleless",
     ) -> None:
         self.env = env
         self.dialect = dialects.DIALECTS[dialect]
@@ -185,7 +201,7 @@ class BaseSimulator:
         self.goodbye = goodbye
         self.late_health_metrics = late_health_metrics
         self._random = random.Random(seed)
-        prefix = id_prefix if id_prefix is not None else f"{name}-{version.replace('.', '-')}-"
+        prefix = id_prefix if id_prefix is not None else default_id_prefix(name, version)
         self.bases: dict[str, SimBase] = {}
         for i in range(count):
             slot = f"{prefix}{i}"
@@ -199,28 +215,49 @@ class BaseSimulator:
                 hostname=slot,
                 slot=slot,
             )
-        subs = [(s, 1) for b in self.bases for s in arklet.base_subscriptions(env, b)]
-        self.tunnel = MqttTunnel(
-            broker,
-            client_id=f"koupleless@@@basesim-{prefix}{random.randrange(1 << 30):x}",
-            subscriptions=subs,
-            on_message=self._on_message,
-            persistent_session=False,
-            name="basesim",
-        )
+        if logins is not None and self.dialect.uuid_ids:
+            raise ValueError(f"--dialect {dialect} names each base by a random UUID per JVM start, so no login can be "
+                             "issued for it ahead: run these bases on one shared login (no per-base logins)")
+        if logins is None:
+            shared = MqttTunnel(
+                broker,
+                client_id=f"{client_prefix}@@@basesim-{prefix}{random.randrange(1 << 30):x}",
+                subscriptions=[(s, 1) for b in self.bases for s in arklet.base_subscriptions(env, b)],
+                on_message=self._on_message,
+                persistent_session=False,
+                name="basesim",
+            )
+            #: The connection each base speaks on (shared: the same one for all).
+            self.tunnels = dict.fromkeys(self.bases, shared)
+        else:
+            missing = [b for b in self.bases if b not in logins]
+            if missing:
+                raise ValueError(f"no credentials for base {missing[0]!r} ({len(missing)} bases without); "
+                                 "give every base ID of this simulator a login")
+            self.tunnels = {
+                b: MqttTunnel(
+                    logins[b],
+                    client_id=f"{client_prefix}@@@{b}",
+                    subscriptions=[(s, 1) for s in arklet.base_subscriptions(env, b)],
+                    on_message=self._on_message,
+                    persistent_session=False,
+                    name="basesim",
+                )
+                for b in self.bases
+            }
+        self.connections = list({id(t): t for t in self.tunnels.values()}.values())
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat_task: asyncio.Task[None] | None = None
-        # A topic under the last base's command wildcard that no controller listens to: when our own
-        # message on it comes back, the broker has processed every SUBSCRIBE sent before it.
-        last = next(reversed(self.bases)) if self.bases else "none"
-        self._probe_topic = arklet.topic(env, last, f"basesim-probe-{random.randrange(1 << 30):x}")
-        self._subscribed = asyncio.Event()
+
+    def connected(self) -> bool:
+        return all(t.connected.is_set() for t in self.connections)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
     async def start(self, subscribe_timeout: float = 10.0) -> None:
-        await self.tunnel.start()
-        await self.tunnel.connected.wait()
+        for tunnel in self.connections:
+            await tunnel.start()
+        await asyncio.gather(*(t.connected.wait() for t in self.connections))
         await self._await_subscriptions(subscribe_timeout)
         for base in self.bases.values():
             self._announce(base)
@@ -229,14 +266,12 @@ class BaseSimulator:
     async def _await_subscriptions(self, timeout: float) -> None:
         """Like arklet, subscribe before announcing: a controller answers a new base's first
         heartbeat with commands at once, and a command sent before the broker has our SUBSCRIBE is
-        lost (commands are not retained)."""
-        self._subscribed.clear()
-        self.tunnel.publish(self._probe_topic, b"", qos=1)
+        lost (commands are not retained). The broker's SUBACK says it has it."""
         try:
-            await asyncio.wait_for(self._subscribed.wait(), timeout)
+            await asyncio.wait_for(asyncio.gather(*(t.subscribed.wait() for t in self.connections)), timeout)
         except TimeoutError:
-            log.warning("base-sim: no echo on %s after %.0fs; announcing anyway (commands may be missed)",
-                        self._probe_topic, timeout)
+            log.warning("base-sim: broker has not acknowledged every subscription after %.0fs; announcing anyway "
+                        "(commands may be missed)", timeout)
 
     async def stop(self, graceful: bool = True) -> None:
         """Stop every base. Real arklet says nothing when its JVM stops; with `goodbye` a graceful
@@ -246,9 +281,12 @@ class BaseSimulator:
         for task in list(self._tasks):
             task.cancel()
         if graceful and self.goodbye:
-            goodbyes = [self._heartbeat(b, arklet.DEACTIVATED) for b in self.bases.values() if b.alive]
-            await self.tunnel.flush(goodbyes)
-        await self.tunnel.stop()
+            goodbyes: dict[MqttTunnel, list[MQTTMessageInfo]] = {t: [] for t in self.connections}
+            for b in self.bases.values():
+                if b.alive:
+                    goodbyes[self.tunnels[b.base_id]].append(self._heartbeat(b, arklet.DEACTIVATED))
+            await asyncio.gather(*(t.flush(infos) for t, infos in goodbyes.items()))
+        await asyncio.gather(*(t.stop() for t in self.connections))
 
     def kill(self, base_id: str) -> None:
         """The base's JVM died: no more heartbeats, no answers, no goodbye."""
@@ -281,13 +319,15 @@ class BaseSimulator:
     def _rename(self, base: SimBase, new_id: str) -> None:
         """The new JVM's ID: listen on its topics, no more on the old ones. The subscription goes out
         before the announcement on the same connection, so the broker has it before any answer."""
+        tunnel = self.tunnels.pop(base.base_id)  # shared: UUID dialects have no per-base logins
         for sub in arklet.base_subscriptions(self.env, base.base_id):
-            self.tunnel.remove_subscription(sub)
+            tunnel.remove_subscription(sub)
         del self.bases[base.base_id]
         base.base_id = new_id
         self.bases[new_id] = base
+        self.tunnels[new_id] = tunnel
         for sub in arklet.base_subscriptions(self.env, new_id):
-            self.tunnel.add_subscription(sub)
+            tunnel.add_subscription(sub)
 
     def replay(self, base_id: str) -> bool:
         """Publish the base's last bizOperation again, byte for byte: a duplicated or replayed
@@ -296,12 +336,12 @@ class BaseSimulator:
         if base.last_biz_operation is None:
             return False
         topic, payload = base.last_biz_operation
-        self.tunnel.publish(topic, payload, qos=1)
+        self.tunnels[base_id].publish(topic, payload, qos=1)
         return True
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "connected": self.tunnel.connected.is_set(),
+            "connected": self.connected(),
             "bases": {b.base_id: b.snapshot() for b in self.bases.values()},
         }
 
@@ -318,7 +358,7 @@ class BaseSimulator:
         payload = arklet.encode_envelope(data, base.next_ts())
         if kind == arklet.BIZ_OPERATION:
             base.last_biz_operation = (topic, payload)
-        return self.tunnel.publish(topic, payload, qos=1)
+        return self.tunnels[base.base_id].publish(topic, payload, qos=1)
 
     def _heartbeat(self, base: SimBase, state: str = arklet.ACTIVATED) -> MQTTMessageInfo:
         hb = arklet.Heartbeat(
@@ -366,9 +406,6 @@ class BaseSimulator:
     # --- incoming ---------------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self._probe_topic:
-            self._subscribed.set()
-            return
         try:
             base_id, command = arklet.parse_topic(self.env, topic, direction="command")
         except arklet.ArkletError:

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from koupleless import keys, runtime
 from koupleless.http import add_health_routes
-from provider import basesim_dialects
-from provider.basesim import BaseSimulator
+from provider import basesim_dialects, basesim_logins
+from provider.basesim import BaseSimulator, default_id_prefix, sim_base_ids
 from provider.basesim_http import HttpBaseSimulator
 from provider.tunnel import add_broker_arguments, broker_from_args
 
@@ -80,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--http-first-port", type=int, default=0, metavar="PORT",
                         help="with --tunnel http: base n serves arklet's HTTP API on PORT+n (default: free ports)")
+    basesim_logins.add_arguments(parser)
     parser.add_argument("--env", default=keys.DEFAULT_ENV, help="topic env: koupleless_<env>/... (default dev)")
     parser.add_argument("--count", type=int, default=1, help="number of bases (default 1)")
     parser.add_argument("--name", default="base", help="base name label (default base)")
@@ -120,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_app(sim: BaseSimulator) -> web.Application:
     app = web.Application()
-    add_health_routes(app, ready=lambda: _connected(sim))
+    add_health_routes(app, ready=sim.connected)
 
     async def bases(_: web.Request) -> web.Response:
         return web.json_response(sim.snapshot())
@@ -151,13 +152,6 @@ def make_app(sim: BaseSimulator) -> web.Application:
     return app
 
 
-def _connected(sim: BaseSimulator) -> bool:
-    """MQTT: connected to the broker; HTTP: the provider has taken a heartbeat."""
-    if isinstance(sim, HttpBaseSimulator):
-        return sim.heartbeats_ok > 0
-    return sim.tunnel.connected.is_set()
-
-
 def run(args: argparse.Namespace) -> int:
     runtime.setup_logging(args.log_level, args.log_format)
     if args.count < 1:
@@ -176,6 +170,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         broker = broker_from_args(args) if args.tunnel == "mqtt" else None
+        prefix = args.id_prefix if args.id_prefix is not None else default_id_prefix(args.name, args.base_version)
+        logins = basesim_logins.logins_from_args(args, broker, sim_base_ids(prefix, args.count)) if broker else None
+        if logins is not None and basesim_dialects.DIALECTS[args.dialect].uuid_ids:
+            raise ValueError(f"--dialect {args.dialect} names each base by a random UUID per JVM start, so no per-base "
+                             "login can be issued ahead: drop --base-password-file/--base-cert-dir and use one login")
     except ValueError as exc:
         print(f"base-sim: {exc}", flush=True)
         return 2
@@ -199,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
             goodbye=args.goodbye,
             late_health_metrics=args.late_health_metrics,
             dialect=args.dialect,
+            logins=logins,
+            client_prefix=args.client_id_prefix,
         )
         sim = BaseSimulator(broker, **sim_kwargs) if broker is not None else HttpBaseSimulator(
             args.http_heartbeat_endpoint, first_port=args.http_first_port, **sim_kwargs)

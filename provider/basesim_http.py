@@ -74,6 +74,10 @@ class HttpBaseSimulator(BaseSimulator):
         if self._session is not None:
             await self._session.close()
 
+    def connected(self) -> bool:
+        """Ready once the provider has taken a heartbeat (there is no broker connection)."""
+        return self.heartbeats_ok > 0
+
     def replay(self, base_id: str) -> bool:
         return False  # replies are the answers to calls: there is nothing to publish again
 

@@ -100,6 +100,10 @@ class MqttTunnel:
         self._on_connection = on_connection
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = asyncio.Event()
+        #: Set once the broker has answered every SUBSCRIBE sent on the latest connect (SUBACK):
+        #: from then on it routes those topics to us. Cleared on disconnect.
+        self.subscribed = asyncio.Event()
+        self._pending_subacks: dict[int, list[str]] = {}
         self.connect_count = 0
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -134,6 +138,7 @@ class MqttTunnel:
         c.on_connect = self._paho_connect
         c.on_connect_fail = self._paho_connect_fail
         c.on_disconnect = self._paho_disconnect
+        c.on_subscribe = self._paho_subscribe
         c.on_message = self._paho_message
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -212,8 +217,14 @@ class MqttTunnel:
         MQTT_CONNECTS.labels(self.name, "ok").inc()
         # Always resubscribe: cheap, and the only safe answer when the broker lost our session.
         subs = list(self._subscriptions)
+        self._pending_subacks.clear()
         for start in range(0, len(subs), 100):
-            client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in subs[start : start + 100]])
+            batch = subs[start : start + 100]
+            _rc, mid = client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in batch])
+            if mid is not None:
+                self._pending_subacks[mid] = [t for t, _q in batch]
+        if not subs:
+            self._to_loop(self.subscribed.set)
         log.info(
             "MQTT connected to %s:%s as %s (session present: %s, %d subscriptions)",
             self.broker.host, self.broker.port, self.client_id, flags.session_present, len(subs),
@@ -232,6 +243,16 @@ class MqttTunnel:
             log.warning("MQTT connection to %s:%s lost: %s; reconnecting", self.broker.host, self.broker.port, reason)
         self._to_loop(self._set_connected, False)
 
+    def _paho_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        topics = self._pending_subacks.pop(mid, [])
+        for topic, reason in zip(topics, reasons or [], strict=False):
+            if getattr(reason, "is_failure", False):
+                who = f"user {self.broker.username!r}" if self.broker.username else "this client"
+                log.error("MQTT broker %s:%s refused the subscription to %s: %s — its ACL does not let %s read "
+                          "that topic", self.broker.host, self.broker.port, topic, reason, who)
+        if not self._pending_subacks:
+            self._to_loop(self.subscribed.set)
+
     def _paho_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         MQTT_RECEIVED.labels(self.name).inc()
         self._to_loop(self._on_message, msg.topic, msg.payload)
@@ -244,6 +265,7 @@ class MqttTunnel:
             self.connected.set()
         else:
             self.connected.clear()
+            self.subscribed.clear()
         if self._on_connection is not None:
             self._on_connection(up)
 

@@ -12,7 +12,7 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 
-from devcluster.broker import Broker
+from devcluster.broker import PROVIDER_USER, Broker
 from devcluster.cluster import ControlPlane
 from tests.helpers import wait_until
 
@@ -137,11 +137,15 @@ def test_node_whose_lease_is_never_renewed_becomes_unreachable(control_plane: Co
 
 
 def test_message_published_to_broker_is_received(mqtt_broker: Broker) -> None:
-    topic = f"koupleless_smoke/{uuid.uuid4().hex}/base/heart"
+    base_id = uuid.uuid4().hex
+    topic = f"koupleless_smoke/{base_id}/base/heart"
+    mqtt_broker.add_bases([base_id])
     received: queue.Queue[bytes] = queue.Queue()
     subscribed = threading.Event()
 
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    # The broker's shipped accounts: the provider reads every base's reports, the base writes its own.
+    sub.username_pw_set(PROVIDER_USER, mqtt_broker.password(PROVIDER_USER))
     sub.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
     sub.on_subscribe = lambda *_: subscribed.set()
     sub.on_message = lambda _c, _u, msg: received.put(msg.payload)
@@ -150,6 +154,7 @@ def test_message_published_to_broker_is_received(mqtt_broker: Broker) -> None:
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     try:
         assert subscribed.wait(10), "subscription not acknowledged by the broker"
+        pub.username_pw_set(base_id, mqtt_broker.password(base_id))
         pub.connect(mqtt_broker.host, mqtt_broker.port)
         pub.loop_start()
         payload = orjson.dumps({"publishTimestamp": 1, "data": {"state": "ACTIVATED"}})

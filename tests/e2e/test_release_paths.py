@@ -286,7 +286,7 @@ def test_module_daemonset_one_per_matching_base_rolls_survives_drain_and_goes_of
     other = ManagedProcess("base-sim-2", [
         sys.executable, "-m", "koupleless.cli", "base-sim", "--mqtt-broker", stack.broker.address, "--env",
         stack.options.env, "--count", "1", "--version", "2.0.0", "--id-prefix", f"other-{ns}-",
-        "--status-port", str(other_port)], stack.workdir / "logs" / f"base-sim-{ns}.log").start()
+        "--status-port", str(other_port), *stack.base_logins([f"other-{ns}-0"])], stack.workdir / "logs" / f"base-sim-{ns}.log").start()
     try:
         wait_until(lambda: len(stack.ready_vnodes()) == len(matching) + 1, 90, what="the 2.0.0 base's Node Ready")
         # written like the seed's Deployment template, without even the toleration: the webhook adds it

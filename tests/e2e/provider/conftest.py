@@ -25,6 +25,7 @@ from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, free_port
 from koupleless import keys
+from provider.basesim import sim_base_ids
 from tests.e2e.phasewatch import PhaseWatch
 from tests.helpers import wait_until
 
@@ -102,7 +103,7 @@ class System:
             "--http-port", str(self.provider_port), "--heartbeat-interval", "1", "--missed-heartbeats", "3",
             "--resync-interval", "2", "--health-interval", "5", "--log-level", "debug",
             # The virtual Nodes' kubelet API on a port of its own (kubectl logs / exec).
-            *self.cp.kubelet_args(free_port()), *extra,
+            *self.cp.kubelet_args(free_port()), *self.broker.provider_args(), *extra,
         ]
         proc = ManagedProcess(name, args, self.workdir / f"{name}.log", env=_with_env(env)).start()
         self.processes.append(proc)
@@ -121,12 +122,18 @@ class System:
         args = [
             *CLI, "base-sim", "--mqtt-broker", self.broker.address, "--env", self.env, "--count", str(count),
             "--name", name, "--version", version, "--heartbeat-interval", "1", "--status-port", str(port),
-            "--id-prefix", id_prefix, *extra,
+            "--id-prefix", id_prefix, *self._base_logins(id_prefix, count), *extra,
         ]
         proc = ManagedProcess(label, args, self.workdir / f"{label}.log", env=_with_env(env)).start()
         self.processes.append(proc)
         proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=30)
         return Sim(proc, port)
+
+    def _base_logins(self, id_prefix: str, count: int) -> list[str]:
+        """On the shipped broker security every base logs in as its own baseID."""
+        if not self.broker.identity:
+            return []
+        return ["--base-password-file", str(self.broker.add_bases(sim_base_ids(id_prefix, count)))]
 
     def kubectl_json(self, *args: str) -> Any:
         return json.loads(self.cp.kubectl(*args, "-o", "json").stdout)

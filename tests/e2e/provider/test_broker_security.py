@@ -26,7 +26,7 @@ MakeSystem = Callable[[Broker], System]
 
 @pytest.fixture
 def password_broker(tmp_path: Path) -> Iterator[Broker]:
-    with Broker(users={"provider": "provider-secret", "bases": "bases-secret"}, workdir=tmp_path / "mqtt") as broker:
+    with Broker(identity=False, users={"provider": "provider-secret", "bases": "bases-secret"}, workdir=tmp_path / "mqtt") as broker:
         yield broker
 
 
@@ -42,7 +42,7 @@ def broker_ca(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tls_broker(tmp_path: Path, broker_ca: Path) -> Iterator[Broker]:
-    with Broker(workdir=tmp_path / "mqtt-tls", tls_cert=tmp_path / "mqtt.crt", tls_key=tmp_path / "mqtt.key") as broker:
+    with Broker(identity=False, workdir=tmp_path / "mqtt-tls", tls_cert=tmp_path / "mqtt.crt", tls_key=tmp_path / "mqtt.key") as broker:
         yield broker
 
 

@@ -227,6 +227,7 @@ def test_bad_mqtt_input_is_counted_and_changes_nothing(system: System, namespace
         (arklet.topic(env, "unknown-base", arklet.SIMPLE_BIZ), arklet.encode_envelope([])),
     ]
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{env}-garbage", protocol=mqtt.MQTTv5)
+    system.broker.login_as_fleet(client)  # a client that may publish anything: the worst the provider can get
     client.connect(system.broker.host, system.broker.port)
     client.loop_start()
     try:
@@ -256,6 +257,7 @@ def test_orphan_module_is_reported_and_removed_only_when_asked(system: System, p
     [base_id] = sim.bases()
     # somebody installs a module on the base behind Kubernetes' back
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{system.env}-ops", protocol=mqtt.MQTTv5)
+    system.broker.login_as_fleet(client)  # an operator's tool, allowed to command any base
     client.connect(system.broker.host, system.broker.port)
     client.loop_start()
     try:

@@ -72,6 +72,7 @@ class Wire:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{env}-wire-{uuid.uuid4().hex[:6]}",
                         protocol=mqtt.MQTTv5)
         c.reconnect_delay_set(1, 2)
+        broker.login_as_fleet(c)  # reads every topic and forges any base's messages
         c.on_connect = lambda client, _u, _f, _rc, _p: client.subscribe(f"koupleless_{env}/#", qos=1)
         c.on_subscribe = lambda *_: self._subscribed.set()
         c.on_message = self._on_message

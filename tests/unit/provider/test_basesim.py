@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from devcluster.broker import Broker
+from devcluster.broker import FLEET_USER, Broker
 from koupleless import arklet
 from provider.basesim import BaseSimulator
 from provider.basesim_cli import add_arguments, make_app
@@ -80,7 +80,10 @@ Start = Callable[..., Awaitable[tuple[BaseSimulator, Controller]]]
 @pytest.fixture
 async def start(mqtt_broker: Broker) -> AsyncIterator[Start]:
     """start(**BaseSimulator kwargs): a controller listening on a fresh env, then 3 simulated bases."""
-    broker = BrokerOptions(mqtt_broker.host, mqtt_broker.port)
+    # The test-only fleet account: one connection speaks for every simulated base, and the controller
+    # here also plays bases (barrier markers).
+    broker = BrokerOptions(mqtt_broker.host, mqtt_broker.port, username=FLEET_USER,
+                           password=mqtt_broker.password(FLEET_USER))
     running: list[tuple[BaseSimulator, Controller]] = []
 
     async def _start(**kwargs: Any) -> tuple[BaseSimulator, Controller]:
