@@ -131,7 +131,8 @@ class Broker:
             acl = self.workdir / "acl"
             acl.write_text((SHIPPED_DIR / "acl").read_text() + _FLEET_ACL)
             self._write_passwords(binary)
-            self.password_file_for(PROVIDER_USER).write_text(self._accounts[PROVIDER_USER] + "\n")
+            for user in (PROVIDER_USER, FLEET_USER):
+                self.password_file_for(user).write_text(self._accounts[user] + "\n")
             lines += [*shipped_settings("global"), f"password_file {self.workdir / 'passwd'}", f"acl_file {acl}"]
             if self.client_ca is not None:
                 self.client_cert_port = self.client_cert_port or free_port()
@@ -175,6 +176,13 @@ class Broker:
         if not self.identity:
             return []
         return ["--mqtt-username", PROVIDER_USER, "--mqtt-password-file", str(self.password_file_for(PROVIDER_USER))]
+
+    def fleet_args(self) -> list[str]:
+        """Credential flags of the test-only fleet account, for a base-sim whose base IDs are not known
+        ahead (UUID dialects): one shared login instead of one per base (none when anonymous)."""
+        if not self.identity:
+            return []
+        return ["--mqtt-username", FLEET_USER, "--mqtt-password-file", str(self.password_file_for(FLEET_USER))]
 
     def login_as_fleet(self, client: mqtt.Client) -> mqtt.Client:
         """Give a test's own paho client the test-only fleet account (no-op without `identity`)."""

@@ -122,17 +122,20 @@ class System:
         args = [
             *CLI, "base-sim", "--mqtt-broker", self.broker.address, "--env", self.env, "--count", str(count),
             "--name", name, "--version", version, "--heartbeat-interval", "1", "--status-port", str(port),
-            "--id-prefix", id_prefix, *self._base_logins(id_prefix, count), *extra,
+            "--id-prefix", id_prefix, *self._base_logins(id_prefix, count, extra), *extra,
         ]
         proc = ManagedProcess(label, args, self.workdir / f"{label}.log", env=_with_env(env)).start()
         self.processes.append(proc)
         proc.wait_ready(lambda: _http_ok(port, "/readyz"), timeout=30)
         return Sim(proc, port)
 
-    def _base_logins(self, id_prefix: str, count: int) -> list[str]:
-        """On the shipped broker security every base logs in as its own baseID."""
+    def _base_logins(self, id_prefix: str, count: int, extra: tuple[str, ...]) -> list[str]:
+        """On the shipped broker security every base logs in as its own baseID; bases of the old
+        dialects name themselves by a random UUID per start, so they share the fleet login."""
         if not self.broker.identity:
             return []
+        if "--dialect" in extra and extra[extra.index("--dialect") + 1] != "current":
+            return self.broker.fleet_args()
         return ["--base-password-file", str(self.broker.add_bases(sim_base_ids(id_prefix, count)))]
 
     def kubectl_json(self, *args: str) -> Any:

@@ -36,10 +36,12 @@ ODD_IDS = [
 
 
 def publish(system: System, messages: list[tuple[str, bytes]]) -> None:
-    """Publish as a forger on the broker would, with the credentials the fixtures give (today none:
-    the test broker is anonymous). The only place these tests touch the broker."""
+    """Publish as a forger who got past the broker's ACLs would (the test-only fleet account may
+    publish as any base): what the provider's own admission is for. The only place these tests
+    touch the broker."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{system.env}-forger-{uuid.uuid4().hex[:6]}",
                          protocol=mqtt.MQTTv5)
+    system.broker.login_as_fleet(client)
     client.connect(system.broker.host, system.broker.port)
     client.loop_start()
     try:
