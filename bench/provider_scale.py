@@ -467,16 +467,21 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
         if args.writes_window > 0:
             await measure_steady_writes(args.writes_window, http_port, len(all_nodes), modules, nodes, pods)
     finally:
-        for f in fleets:
-            await f.stop(graceful=False)
-        provider.stop()
-        await nodes.stop()
-        await pods.stop()
-        try:
-            # Leave nothing behind for the phases after this one (no kubelet finalizes these Pods).
-            await remove_env(client, ns, ENV)
-        finally:
-            await client.close()
+        await end_phase(fleets, provider, nodes, pods, client, ns, ENV)
+
+
+async def end_phase(fleets: list[Any], provider: ManagedProcess, nodes: Informer, pods: Informer,
+                    client: KubeClient, ns: str, env: str) -> None:
+    """Stop what a phase started and leave nothing behind for the next (no kubelet finalizes these Pods)."""
+    for f in fleets:
+        await f.stop(graceful=False)
+    provider.stop()
+    await nodes.stop()
+    await pods.stop()
+    try:
+        await remove_env(client, ns, env)
+    finally:
+        await client.close()
 
 
 async def remove_env(client: KubeClient, ns: str, env: str) -> None:
@@ -824,15 +829,10 @@ async def broker_restart(args: argparse.Namespace, cp: ControlPlane) -> None:
         for line in worst:
             print(f"      {line}")
     finally:
-        await fleet.stop(graceful=False)
         tunnel_log.setLevel(tunnel_level)
-        provider.stop()
-        await nodes.stop()
-        await pods.stop()
         try:
-            await remove_env(client, ns, env)
+            await end_phase([fleet], provider, nodes, pods, client, ns, env)
         finally:
-            await client.close()
             await asyncio.to_thread(broker.stop)
 
 
@@ -895,14 +895,7 @@ async def http_tunnel_phase(args: argparse.Namespace, cp: ControlPlane, broker: 
                   f"(MQTT's target p99 <= {TARGET_HOP_P99_MS:g} ms at {TARGET_HOP_RATE:g} Pods/s, for comparison: "
                   f"ratio {p99 / TARGET_HOP_P99_MS:.2f})")
     finally:
-        await fleet.stop(graceful=False)
-        provider.stop()
-        await nodes.stop()
-        await pods.stop()
-        try:
-            await remove_env(client, ns, env)
-        finally:
-            await client.close()
+        await end_phase([fleet], provider, nodes, pods, client, ns, env)
 
 
 async def compare(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:

@@ -107,3 +107,17 @@ class ReloadingTLS:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+async def serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Start `app` on host:port (0: any free port) and return its runner and the port it got; on
+    failure (the port taken, say) nothing is left running."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    addresses = runner.addresses
+    return runner, int(addresses[0][1]) if addresses else port

@@ -38,7 +38,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from koupleless import arklet
-from koupleless.http import ReloadingTLS
+from koupleless.http import ReloadingTLS, serve
 from provider.bases import BaseRegistry
 from provider.http_commands import Stamps
 from provider.state import TUNNEL_HTTP, BaseState
@@ -173,16 +173,11 @@ class HttpTunnelServer:
                 self.tls.context.verify_mode = ssl.CERT_OPTIONAL
                 self.tls.context.load_verify_locations(cafile=s.client_ca)
             self.tls.start()
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, s.bind, s.port, ssl_context=self.tls.context if self.tls else None)
         try:
-            await site.start()
+            self._runner, self.port = await serve(self.app(), s.bind, s.port, self.tls.context if self.tls else None)
         except BaseException:
             await self.stop()
             raise
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else s.port
         self._session = aiohttp.ClientSession()
         self.registry.http_hearing_since = time.monotonic()
         auth = [what for what, on in (("bearer token", self.tokens), ("client certificate", s.client_ca)) if on]

@@ -47,7 +47,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from koupleless import keys
-from koupleless.http import ReloadingTLS
+from koupleless.http import ReloadingTLS, serve
 from koupleless.kube.client import ApiError, event_path, pod_path, resource_path
 from koupleless.kube.lease import parse_micro_time
 from provider.state import BaseState
@@ -543,16 +543,11 @@ class KubeletServer:
         if authorizer is None and s.authorization == "webhook":
             authorizer = SubjectAccessReviewer(self.sources.kube)
         app = create_app(self.sources, authorizer=authorizer or AlwaysAllow())
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, s.bind, s.port, ssl_context=self.tls.context)
         try:
-            await site.start()
+            self._runner, self.port = await serve(app, s.bind, s.port, self.tls.context)
         except BaseException:
             await self.stop()
             raise
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else s.port
         log.info("kubelet API for virtual Nodes on %s:%d (Nodes advertise %s:%d), clients from %s, "
                  "authorization %s", s.bind, self.port, s.address, s.port, s.client_ca, s.authorization)
 

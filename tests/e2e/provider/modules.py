@@ -102,14 +102,19 @@ def pod_summary(system: System, namespace: str) -> str:
     return "Pods now:\n" + ("\n".join(lines) or "  (none)")
 
 
-def wait_live_ready(system: System, namespace: str, count: int, timeout: float = 120) -> list[dict[str, Any]]:
-    """Wait until exactly `count` Pods not being deleted exist, all Running+Ready; the failure says
-    where every Pod is and why it is not."""
+def wait_live_ready(system: System, namespace: str, count: int, image: str | None = None,
+                    timeout: float = 120) -> list[dict[str, Any]]:
+    """Wait until exactly `count` Pods not being deleted exist, all Running+Ready (and all of `image`
+    when given); the failure says where every Pod is and why it is not."""
     def check() -> list[dict[str, Any]] | None:
         items = live(pods(system, namespace))
-        return items if len(items) == count and all(running_ready(p) for p in items) else None
+        if len(items) != count or not all(running_ready(p) for p in items):
+            return None
+        if image and any(p["spec"]["containers"][0]["image"] != image for p in items):
+            return None
+        return items
 
     try:
-        return wait_until(check, timeout, what=f"{count} Running+Ready module Pods")
+        return wait_until(check, timeout, what=f"{count} Running+Ready module Pods" + (f" of {image}" if image else ""))
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{pod_summary(system, namespace)}") from None

@@ -19,6 +19,7 @@ from tests.e2e.provider.modules import (
     pods,
     running_ready,
     sample_deployment,
+    wait_live_ready,
 )
 from tests.helpers import wait_until
 
@@ -48,18 +49,6 @@ def modules(*sims: Sim) -> dict[str, list[tuple[str, str, str]]]:
     return out
 
 
-def live_ready(system: System, ns: str, count: int, image: str | None = None) -> list[dict[str, Any]]:
-    def check() -> list[dict[str, Any]] | None:
-        items = [p for p in pods(system, ns) if not p["metadata"].get("deletionTimestamp")]
-        if len(items) != count or not all(running_ready(p) for p in items):
-            return None
-        if image and any(p["spec"]["containers"][0]["image"] != image for p in items):
-            return None
-        return items
-
-    return wait_until(check, 120, what=f"{count} Running+Ready module Pods" + (f" of {image}" if image else ""))
-
-
 def only(version: str, *sims: Sim) -> bool:
     """Every base holds biz1 at `version`, ACTIVATED, and nothing else."""
     return all(mods == [("biz1", version, "ACTIVATED")] for mods in modules(*sims).values())
@@ -71,10 +60,10 @@ def test_release_scale_replace_rollback_offline_on_http_and_mqtt_bases(system: S
     # No anti-affinity: a rolling update needs room for its surge Pod (the new version goes onto a base
     # that holds the old one, upgraded in place).
     system.cp.kubectl("apply", "-f", "-", input=sample_deployment(namespace))
-    live_ready(system, namespace, 1, URL_V1)
+    wait_live_ready(system, namespace, 1, URL_V1)
 
     system.cp.kubectl("scale", DEPLOY, "-n", namespace, "--replicas=3")
-    scaled = live_ready(system, namespace, 3, URL_V1)
+    scaled = wait_live_ready(system, namespace, 3, URL_V1)
     assert sorted(base_of(p) for p in scaled) == sorted([*mqtt.bases(), *http.bases()]), "one module per base"
     wait_until(lambda: only("0.0.1-SNAPSHOT", mqtt, http), 30, what="biz1 0.0.1 on every base")
     for p in scaled:
@@ -88,12 +77,12 @@ def test_release_scale_replace_rollback_offline_on_http_and_mqtt_bases(system: S
     system.cp.kubectl("patch", DEPLOY, "-n", namespace,
                       "-p", json.dumps({"spec": {"template": {"spec": {"containers": [container]}}}}))
     system.cp.kubectl("rollout", "status", DEPLOY, "-n", namespace, "--timeout=150s", timeout=160)
-    live_ready(system, namespace, 3, URL_V2)
+    wait_live_ready(system, namespace, 3, URL_V2)
     wait_until(lambda: only("0.0.2-SNAPSHOT", mqtt, http), 30, what="biz1 0.0.2 alone on every base")
 
     system.cp.kubectl("rollout", "undo", DEPLOY, "-n", namespace)
     system.cp.kubectl("rollout", "status", DEPLOY, "-n", namespace, "--timeout=150s", timeout=160)
-    live_ready(system, namespace, 3, URL_V1)
+    wait_live_ready(system, namespace, 3, URL_V1)
     wait_until(lambda: only("0.0.1-SNAPSHOT", mqtt, http), 30, what="biz1 0.0.1 alone on every base again")
 
     system.cp.kubectl("delete", DEPLOY, "-n", namespace)
@@ -106,7 +95,7 @@ def test_a_lost_http_base_is_replaced_on_another_base(system: System, namespace:
     mqtt, http = start_both(system)
     system.cp.kubectl("apply", "-f", "-", input=one_per_base(sample_deployment(namespace)))
     system.cp.kubectl("scale", DEPLOY, "-n", namespace, "--replicas=2")
-    before = live_ready(system, namespace, 2)
+    before = wait_live_ready(system, namespace, 2)
     # Two Pods on three bases, two of them HTTP: at least one Pod is on an HTTP base.
     victim = next(base_of(p) for p in before if base_of(p) in http.bases())
     http.kill(victim)

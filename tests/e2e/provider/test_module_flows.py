@@ -18,6 +18,7 @@ from tests.e2e.provider.modules import (
     pods,
     running_ready,
     sample_deployment,
+    wait_live_ready,
 )
 from tests.helpers import wait_until
 
@@ -26,25 +27,13 @@ pytestmark = pytest.mark.controlplane
 DEPLOY = "deployment/test-module-deployment"
 
 
-def ready_pods(system: System, ns: str, count: int, image: str | None = None) -> list[dict[str, Any]]:
-    def check() -> list[dict[str, Any]] | None:
-        items = [p for p in pods(system, ns) if not p["metadata"].get("deletionTimestamp")]
-        if len(items) != count or not all(running_ready(p) for p in items):
-            return None
-        if image and any(p["spec"]["containers"][0]["image"] != image for p in items):
-            return None
-        return items
-
-    return wait_until(check, 90, what=f"{count} Running+Ready module Pods" + (f" of {image}" if image else ""))
-
-
 def test_release_query_scale_offline(system: System, namespace: str) -> None:
     system.start_provider()
     sim = system.start_sim(count=3)
     system.wait_nodes_ready(3)
     system.cp.kubectl("apply", "-f", "-", input=sample_deployment(namespace))
 
-    [pod] = ready_pods(system, namespace, 1)
+    [pod] = wait_live_ready(system, namespace, 1)
     base_id = base_of(pod)
     base = sim.bases()[base_id]
     assert pod["status"]["podIP"] == base["ip"] and pod["status"]["hostIP"] == base["ip"]
@@ -64,7 +53,7 @@ def test_release_query_scale_offline(system: System, namespace: str) -> None:
     assert "Installing" in events and "Installed" in events
 
     system.cp.kubectl("scale", "deployments/test-module-deployment", f"--namespace={namespace}", "--replicas=3")
-    scaled = ready_pods(system, namespace, 3)
+    scaled = wait_live_ready(system, namespace, 3)
     assert sorted(base_of(p) for p in scaled) == sorted(sim.bases()), "one module per base"
     for b in sim.bases().values():
         assert [(m["name"], m["state"]) for m in b["modules"]] == [("biz1", "ACTIVATED")]
@@ -81,18 +70,18 @@ def test_rolling_update_and_rollback(system: System, namespace: str) -> None:
     system.wait_nodes_ready(3)
     system.cp.kubectl("apply", "-f", "-", input=sample_deployment(namespace))
     system.cp.kubectl("scale", DEPLOY, "-n", namespace, "--replicas=3")
-    ready_pods(system, namespace, 3, URL_V1)
+    wait_live_ready(system, namespace, 3, URL_V1)
 
     container = {"name": "biz1", "image": URL_V2, "env": [{"name": "BIZ_VERSION", "value": "0.0.2-SNAPSHOT"}]}
     patch = json.dumps({"spec": {"template": {"spec": {"containers": [container]}}}})
     system.cp.kubectl("patch", DEPLOY, "-n", namespace, "-p", patch)
     system.cp.kubectl("rollout", "status", DEPLOY, "-n", namespace, "--timeout=120s", timeout=130)
-    new = ready_pods(system, namespace, 3, URL_V2)
+    new = wait_live_ready(system, namespace, 3, URL_V2)
     wait_until(lambda: _versions_on(sim, new) == {"0.0.2-SNAPSHOT"}, 30, what="bases hold only 0.0.2")
 
     system.cp.kubectl("rollout", "undo", DEPLOY, "-n", namespace)
     system.cp.kubectl("rollout", "status", DEPLOY, "-n", namespace, "--timeout=120s", timeout=130)
-    old = ready_pods(system, namespace, 3, URL_V1)
+    old = wait_live_ready(system, namespace, 3, URL_V1)
     wait_until(lambda: _versions_on(sim, old) == {"0.0.1-SNAPSHOT"}, 30, what="bases hold only 0.0.1 again")
 
 
@@ -148,7 +137,7 @@ def test_bare_pod_two_modules_replaced_in_place(system: System, namespace: str) 
     sim = system.start_sim(count=1)
     system.wait_nodes_ready(1)
     system.cp.kubectl("apply", "-f", "-", input=BARE_POD.format(ns=namespace, url=URL_V1))
-    [pod] = ready_pods(system, namespace, 2 - 1)
+    [pod] = wait_live_ready(system, namespace, 2 - 1)
     base_id = base_of(pod)
     assert [m["name"] for m in sim.modules(base_id)] == ["biz1", "biz2"], "installed in container order"
     uid = pod["metadata"]["uid"]
