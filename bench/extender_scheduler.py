@@ -6,8 +6,9 @@ version, capacity 8 modules each), 1,000 module Pods (100 modules x 10 replicas)
   affinity  default profile, no extender: base labels as required node affinity, capacity as the
             in-tree resource fit on koupleless.io/module, "one replica of a module per base" as
             required pod anti-affinity on kubernetes.io/hostname;
-  extender  the shipped configuration (manifests/scheduler): module profile, the extender filtering,
-            scoring and binding (capacity, bizName and base labels checked by the extender).
+  extender  the shipped configuration (manifests/scheduler): module profile, the extender filtering
+            (passing only the bases it ranks best, so there is no prioritize call) and binding
+            (capacity, bizName and base labels checked by the extender).
 
 For each, the Pods are created while kube-scheduler is stopped, then it is started and every
 binding is timed from a watch; throughput = Pods / (last binding - first binding). Both runs must
@@ -179,6 +180,11 @@ def print_extender_costs(port: int) -> None:
         total = value("koupleless_extender_request_duration_seconds_sum", f'verb="{verb}"')
         if count:
             parts.append(f"{verb} {int(count)} calls, mean {total / count * 1000:.2f} ms")
+    posts = value("koupleless_kube_request_duration_seconds_count", 'verb="POST"')
+    if posts:
+        # The bind verb's cost beside the API call it makes: what binding through the extender adds.
+        post_ms = value("koupleless_kube_request_duration_seconds_sum", 'verb="POST"') / posts * 1000
+        parts.append(f"its Binding POSTs to the API server {int(posts)}, mean {post_ms:.2f} ms")
     binds = {o: int(value("koupleless_extender_binds_total", f'outcome="{o}"')) for o in ("bound", "refused", "failed")}
     parts.append("binds " + ", ".join(f"{n} {o}" for o, n in binds.items()))
     waits = value("koupleless_extender_burst_waits_total", 'outcome="settled"')
@@ -234,7 +240,7 @@ async def main() -> int:
                                              pids)
         print_extender_costs(port)
         ratio = ext_rate / base_rate if base_rate else float("nan")
-        print(f"\nratio extender/affinity: {ratio:.2f} (target >= 0.5: {'met' if ratio >= 0.5 else 'NOT met'})")
+        print(f"\nratio extender/affinity: {ratio:.2f} (target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'})")
         return 0 if base_ok == ext_ok == "ok" else 1
     finally:
         if extender is not None:

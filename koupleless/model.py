@@ -212,16 +212,25 @@ def infer_from_jar(url: str) -> tuple[str, str] | None:
 @functools.lru_cache(maxsize=4096)
 def _jar_url(url: str) -> tuple[bool, tuple[str, str] | None]:
     """(is it an http(s) or file URL of a .jar, (artifact, version) from its file name)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. "http://[::1": not a URL at all
-        return False, None
-    scheme = parts.scheme
-    is_jar = (
-        scheme in _JAR_URL_SCHEMES and (scheme == "file" or bool(parts.netloc)) and parts.path.endswith(".jar")
-    )
-    match = _ARK_BIZ_JAR.match(parts.path.rsplit("/", 1)[-1])
+    plain = _PLAIN_URL.fullmatch(url) if url.isascii() else None
+    if plain is not None:
+        scheme, netloc, path = plain[1], plain[2], plain[3] or ""
+    else:
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # e.g. "http://[::1": not a URL at all
+            return False, None
+        scheme, netloc, path = parts.scheme, parts.netloc, parts.path
+    is_jar = scheme in _JAR_URL_SCHEMES and (scheme == "file" or bool(netloc)) and path.endswith(".jar")
+    match = _ARK_BIZ_JAR.match(path.rsplit("/", 1)[-1])
     return is_jar, ((match["artifact"], match["version"]) if match else None)
+
+
+#: The usual jar URL, split as `urlsplit` splits it, at a fraction of its cost (each new release
+#: brings new URLs, so the cache above misses on a release's first Pod): a lower-case scheme we
+#: accept, a host without brackets, then path, query, fragment, all ASCII without whitespace
+#: (which urlsplit strips or drops). Anything else takes urlsplit itself.
+_PLAIN_URL = re.compile(r"(https?|file)://([^/?#\[\]\s]*)(/[^?#\s]*)?(?:[?#]\S*)?")
 
 
 def env_value(container: Mapping[str, Any], name: str) -> str | None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from koupleless import keys
 from koupleless.model import (
     AFFINITY_PATH,
     ModuleSpec,
+    _jar_url,
     errors,
     infer_from_jar,
     is_module_pod,
@@ -229,3 +233,38 @@ def test_workload_is_the_same_across_a_deployments_replicasets() -> None:
     assert workload(pod("DaemonSet", "agent")) == ("ns", "DaemonSet", "agent")
     assert workload({"metadata": {"namespace": "ns"}}) is None
     assert workload({"metadata": {"ownerReferences": "garbage"}}) is None
+
+
+def _jar_url_by_urlsplit(url: str) -> tuple[bool, tuple[str, str] | None]:
+    """What koupleless.model read from a jar URL before its fast path: urlsplit alone."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False, None
+    is_jar = parts.scheme in ("http", "https", "file") and (parts.scheme == "file" or bool(parts.netloc)) \
+        and parts.path.endswith(".jar")
+    match = re.match(r"^(?P<artifact>.+?)-(?P<version>\d[0-9A-Za-z.+_-]*?)-ark-biz\.jar$", parts.path.rsplit("/", 1)[-1])
+    return is_jar, ((match["artifact"], match["version"]) if match else None)
+
+
+_URL_PARTS = st.sampled_from([
+    "http", "https", "HTTPS", "file", "ftp", "", ":", "://", "//", "/", "?", "#", "[", "]", "[::1]", " ", "\t",
+    "\n", "\x00", "é", "host", "user@host:99", "biz1", "-", "0.0.1-SNAPSHOT", "-ark-biz", ".jar", "a/b", ".",
+])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(url=st.lists(_URL_PARTS, max_size=12).map("".join) | st.text(max_size=40))
+def test_a_jar_url_is_read_as_urlsplit_reads_it(url: str) -> None:
+    assert _jar_url.__wrapped__(url) == _jar_url_by_urlsplit(url)
+
+
+@pytest.mark.parametrize("url", [
+    SEED_JAR, "https://h/a/b-1.0-ark-biz.jar?x#y", "file:///opt/x-1-ark-biz.jar", "http://host", "http://host?x.jar",
+    "https://[::1]/b-1-ark-biz.jar", "https://u@h:99/p/b-2-ark-biz.jar#f", " https://h/b-1-ark-biz.jar",
+    "https://h/b-1-ark-biz.jar\n", "https://h/b 1-ark-biz.jar", "HTTPS://h/b-1-ark-biz.jar", "https://hé/b-1-ark-biz.jar",
+])
+def test_usual_and_unusual_jar_urls_are_read_as_urlsplit_reads_them(url: str) -> None:
+    assert _jar_url.__wrapped__(url) == _jar_url_by_urlsplit(url)
