@@ -186,6 +186,9 @@ def _decide(review: Review, defaults: Defaults) -> Decision:
 
 
 _VERDICTS: dict[tuple[bytes, Defaults, bool], Decision] = {}
+#: Keys of specs judged once and not yet kept: a verdict is kept from its spec's second sighting on.
+#: Bytes and a shared Defaults, nothing the garbage collector walks, unlike a kept verdict's ops.
+_SEEN_ONCE: set[tuple[bytes, Defaults, bool]] = set()
 
 
 @dataclass(slots=True)
@@ -203,7 +206,7 @@ def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
     """A new module Pod's verdict depends on its spec and on whether a DaemonSet owns it (its
     metadata.ownerReferences, model.owned_by_daemonset), and all replicas of a release share that
     spec byte for byte in what the webhook reads of it (webhook.wire declares no volumes, mounts or
-    names): one verdict per distinct spec and ownership is kept."""
+    names): one verdict per distinct spec and ownership is kept, from the spec's second Pod on."""
     spec = pod.get("spec")
     daemonset_owned = model.owned_by_daemonset(pod)
     if not isinstance(spec, dict):
@@ -220,9 +223,18 @@ def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
             raise Unreadable("request.object", str(exc)) from None
         verdict = _judge_new_pod({"spec": decoded}, defaults, daemonset_owned)
         if len(key[0]) <= CACHED_SPEC_BYTES:
-            if len(_VERDICTS) >= CACHED_SPECS:
-                _VERDICTS.clear()  # simpler than LRU order, and as good: releases come in bursts
-            _VERDICTS[key] = verdict
+            # Kept once the spec comes back: every replica after a release's second reuses it, and
+            # a stream of one-off specs does not churn the cache (and the collector) with verdicts
+            # nobody asks for again.
+            if key in _SEEN_ONCE:
+                _SEEN_ONCE.discard(key)
+                if len(_VERDICTS) >= CACHED_SPECS:
+                    _VERDICTS.clear()  # simpler than LRU order, and as good: releases come in bursts
+                _VERDICTS[key] = verdict
+            else:
+                if len(_SEEN_ONCE) >= CACHED_SPECS:
+                    _SEEN_ONCE.clear()
+                _SEEN_ONCE.add(key)
     return verdict
 
 

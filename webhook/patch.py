@@ -6,7 +6,7 @@ the defaults know exactly what they change, so they emit the operations directly
 
 from __future__ import annotations
 
-import base64
+import binascii
 from typing import Any
 
 import msgspec
@@ -34,7 +34,7 @@ def replace(path: str, value: Any) -> Op:
 def encode(ops: list[Op]) -> bytes:
     """The `patch` field of an AdmissionResponse: base64 of the JSON array. msgspec, as in
     webhook.wire: any number it decoded can be written back."""
-    return base64.b64encode(_JSON.encode(ops))
+    return binascii.b2a_base64(_JSON.encode(ops), newline=False)
 
 
 _JSON = msgspec.json.Encoder()
