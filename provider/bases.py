@@ -134,6 +134,10 @@ class BaseRegistry:
         log.warning("ignored MQTT message on %r (%s): %s", topic[:200], reason, ascii(str(detail)[:500]))
 
     def handle(self, topic: str, payload: bytes) -> None:
+        if topic.endswith("/" + arklet.CMD_BASELINE):
+            # A provider's own answer to a queryBaseline (this one's or another replica's): it is
+            # published under the base/ subtree every provider reads.
+            return
         try:
             base_id, kind = arklet.parse_topic(self.env, topic)
             if kind in arklet_replies.SLIM_KINDS:

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
 
 from koupleless import arklet, keys
 from provider import vnode
@@ -121,6 +125,16 @@ def test_query_baseline_from_a_base_not_yet_heard_of_gets_an_empty_baseline() ->
     rig.say("b9", arklet.QUERY_BASELINE, {"identity": "b9", "name": "base", "version": "1.1.1", "clusterName": "c"})
     assert rig.tunnel.commands(arklet.CMD_BASELINE) == [[]]
     assert rig.registry.get("b9") is None, "the base is known from its first heartbeat on"
+
+
+def test_a_providers_own_baseline_answer_is_not_read_as_a_base_message(caplog: pytest.LogCaptureFixture) -> None:
+    """The answer goes out under the base/ subtree every provider replica reads."""
+    rig = Rig()
+    rejected = REGISTRY.get_sample_value("koupleless_provider_mqtt_rejected_total", {"reason": "unknown_topic"}) or 0
+    rig.registry.handle(arklet.topic(ENV, "b9", arklet.CMD_BASELINE), b"[]")
+    assert (REGISTRY.get_sample_value("koupleless_provider_mqtt_rejected_total", {"reason": "unknown_topic"}) or 0) \
+        == rejected
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_a_restarted_base_is_whole_again_from_its_baseline_with_no_install_of_its_own() -> None:
