@@ -100,7 +100,7 @@ def test_old_and_current_bases_release_scale_replace_roll_back_lose_a_base_and_g
 
 def test_a_base_restarting_empty_is_whole_again_from_one_baseline(system: System, namespace: str) -> None:
     system.start_provider()
-    # installs take a moment, so the provider's own module-list query lands while the batch is out
+    # installs take a moment: the batch is out for a while, and no installBiz may join it meanwhile
     sim = system.start_sim("--install-delay", "1", count=2)
     system.wait_nodes_ready(2)
     wire = Wire(system.broker, system.env)
@@ -133,7 +133,6 @@ def test_a_base_restarting_empty_is_whole_again_from_one_baseline(system: System
         assert orjson.loads(baseline) == [{"bizName": "biz1", "bizVersion": "0.0.1-SNAPSHOT", "bizUrl": URL_V1}]
         assert len(on_base(arklet.BATCH_INSTALL_RESPONSE)) == 1
         assert on_base(arklet.CMD_INSTALL_BIZ) == []
-        assert on_base(arklet.SIMPLE_BIZ), "the provider looked at the base while the batch was out"
         after = sim.bases()[base_id]
         assert after["install_commands"] == before["install_commands"] and after["baselines"] == before["baselines"] + 1
         assert [(m["name"], m["state"]) for m in after["modules"]] == [("biz1", "ACTIVATED")]
