@@ -1,5 +1,5 @@
-"""Old and current MQTT dialects in one cluster, and a restarted base made whole by its baseline: the
-provider and base-sim as subprocesses, the real control plane and mosquitto (README "Compatibility")."""
+"""Old and current MQTT dialects and an HTTP-tunnel base in one cluster, and a restarted base made
+whole by its baseline: the provider and base-sim as subprocesses, the real control plane and mosquitto (README "Compatibility")."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from devcluster.processes import free_port
 from koupleless import arklet, keys
 from tests.e2e.phasewatch import PhaseWatch
 from tests.e2e.provider.conftest import System, node_ready
@@ -35,28 +36,31 @@ def versions(system: System, sims: list[Any]) -> dict[str, set[str]]:
             for sim in sims for b, v in sim.bases().items()}
 
 
-def test_old_and_current_bases_release_scale_replace_roll_back_lose_a_base_and_go_offline(
+def test_old_current_and_http_bases_release_scale_replace_roll_back_lose_a_base_and_go_offline(
         system: System, namespace: str) -> None:
-    system.start_provider("--gone-after", "10")
+    port = free_port()
+    system.start_provider("--gone-after", "10", "--http-tunnel-port", str(port), "--http-heartbeat-interval", "1")
     current = system.start_sim(count=1, id_prefix=f"{system.env[3:]}-cur-")
     old = system.start_sim("--dialect", "1.3.0", count=1, id_prefix="slot-130-")
     newer_old = system.start_sim("--dialect", "1.3.2", count=1, id_prefix="slot-132-")
-    sims = [current, old, newer_old]
+    http = system.start_sim("--tunnel", "http", "--http-heartbeat-endpoint", f"http://127.0.0.1:{port}", count=1,
+                            id_prefix=f"{system.env[3:]}-http-")
+    sims = [current, old, newer_old, http]
     [old_id] = old.bases()
     [newer_old_id] = newer_old.bases()
     assert is_uuid(old_id) and is_uuid(newer_old_id)
-    nodes = system.wait_nodes_ready(3)
+    nodes = system.wait_nodes_ready(4)
     names = {n["metadata"]["name"] for n in nodes}
     assert {keys.vnode_name(old_id), keys.vnode_name(newer_old_id)} <= names
     for n in nodes:
         labels = n["metadata"]["labels"]
         assert (labels[keys.LABEL_BASE_NAME], labels[keys.LABEL_BASE_VERSION]) == ("base", "1.1.1")
 
-    # release, then scale to one copy on every base, old or current
+    # release, then scale to one copy on every base: old, current, HTTP
     system.cp.kubectl("apply", "-f", "-", input=sample_deployment(namespace))
     wait_live_ready(system, namespace, 1)
-    system.cp.kubectl("scale", DEPLOY, "-n", namespace, "--replicas=3")
-    scaled = wait_live_ready(system, namespace, 3)
+    system.cp.kubectl("scale", DEPLOY, "-n", namespace, "--replicas=4")
+    scaled = wait_live_ready(system, namespace, 4)
     assert sorted(base_of(p) for p in scaled) == sorted(versions(system, sims))
     assert all(v == {"0.0.1-SNAPSHOT"} for v in versions(system, sims).values())
 
@@ -67,14 +71,14 @@ def test_old_and_current_bases_release_scale_replace_roll_back_lose_a_base_and_g
     system.cp.kubectl("rollout", "status", DEPLOY, "-n", namespace, "--timeout=150s", timeout=160)
     wait_until(lambda: all(v == {"0.0.2-SNAPSHOT"} for v in versions(system, sims).values()), 60,
                what="every base on 0.0.2")
-    assert all(p["spec"]["containers"][0]["image"] == URL_V2 for p in wait_live_ready(system, namespace, 3))
+    assert all(p["spec"]["containers"][0]["image"] == URL_V2 for p in wait_live_ready(system, namespace, 4))
 
     # roll back
     system.cp.kubectl("rollout", "undo", DEPLOY, "-n", namespace)
     system.cp.kubectl("rollout", "status", DEPLOY, "-n", namespace, "--timeout=150s", timeout=160)
     wait_until(lambda: all(v == {"0.0.1-SNAPSHOT"} for v in versions(system, sims).values()), 60,
                what="every base back on 0.0.1")
-    before = wait_live_ready(system, namespace, 3)
+    before = wait_live_ready(system, namespace, 4)
 
     # base loss: a 1.3.0 JVM restarts under a new UUID, a new Node; the old one is lost like a dead
     # base, and its module Pod is made again on the new one
@@ -86,7 +90,7 @@ def test_old_and_current_bases_release_scale_replace_roll_back_lose_a_base_and_g
                what="the new JVM's Node Ready")
     wait_until(lambda: keys.vnode_name(old_id) not in {n["metadata"]["name"] for n in system.nodes()}, 120,
                what="the old JVM's Node gone")
-    after = wait_live_ready(system, namespace, 3, timeout=180)
+    after = wait_live_ready(system, namespace, 4, timeout=180)
     assert lost["metadata"]["uid"] not in {p["metadata"]["uid"] for p in after}
     assert sorted(base_of(p) for p in after) == sorted(versions(system, sims))
     assert versions(system, sims)[new_id] == {"0.0.1-SNAPSHOT"}
