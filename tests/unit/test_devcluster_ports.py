@@ -22,7 +22,8 @@ def test_ports_are_below_the_ephemeral_range_and_never_handed_out_twice(reservat
     ports = [processes.free_port() for _ in range(300)]
     assert len(set(ports)) == 300
     assert max(ports) < processes._ephemeral_low()
-    assert sorted(int(p.name) for p in reservations.iterdir()) == sorted(ports)
+    # (a reserved port found in use, by a server of another run say, is skipped and stays reserved)
+    assert set(ports) <= {int(p.name) for p in reservations.iterdir()}
 
 
 def test_a_port_another_run_reserved_is_skipped_until_its_reservation_is_stale(
