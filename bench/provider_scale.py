@@ -362,6 +362,15 @@ async def measure_hops(
           "(its own request duration buckets)")
 
 
+def provider_command(cp: ControlPlane, broker: Broker, env: str, identity: str, http_port: int) -> list[str]:
+    """A provider for one phase: its own env and identity, its metrics on 127.0.0.1:http_port."""
+    return [
+        sys.executable, "-m", "koupleless", "provider", "--kubeconfig", str(cp.kubeconfig),
+        "--mqtt-broker", broker.address, "--env", env, "--identity", identity,
+        "--http-host", "127.0.0.1", "--http-port", str(http_port),
+    ]
+
+
 async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> None:
     client = KubeClient.from_kubeconfig(str(cp.kubeconfig), qps=None)
     ns = f"bench-{os.getpid()}"
@@ -371,10 +380,8 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
     provider = ManagedProcess(
         "provider",
         [
-            sys.executable, "-m", "koupleless", "provider", "--kubeconfig", str(cp.kubeconfig),
-            "--mqtt-broker", broker.address, "--env", ENV, "--identity", "bench-provider",
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--workers", str(args.workers),
-            "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
+            *provider_command(cp, broker, ENV, "bench-provider", http_port),
+            "--workers", str(args.workers), "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
             # --scale-bases (up to 5,000) register within a minute: measure the provider, not its
             # limit on new bases (README: Provider-side base admission).
             "--new-bases-per-minute", "0",
@@ -686,9 +693,7 @@ async def broker_restart(args: argparse.Namespace, cp: ControlPlane) -> None:
     provider = ManagedProcess(
         "provider-restart",
         [
-            sys.executable, "-m", "koupleless", "provider", "--kubeconfig", str(cp.kubeconfig),
-            "--mqtt-broker", broker.address, "--env", env, "--identity", "bench-restart",
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--heartbeat-interval", "10",
+            *provider_command(cp, broker, env, "bench-restart", http_port), "--heartbeat-interval", "10",
         ],
         log_path,
     ).start()
@@ -862,10 +867,8 @@ async def http_tunnel_phase(args: argparse.Namespace, cp: ControlPlane, broker: 
     provider = ManagedProcess(
         "provider-http",
         [
-            sys.executable, "-m", "koupleless", "provider", "--kubeconfig", str(cp.kubeconfig),
-            "--mqtt-broker", broker.address, "--env", env, "--identity", "bench-http",
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), "--workers", str(args.workers),
-            "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
+            *provider_command(cp, broker, env, "bench-http", http_port),
+            "--workers", str(args.workers), "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
             "--http-tunnel-port", str(tunnel_port),
         ],
         Path(args.workdir) / "provider-http.log",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import Counter
 
@@ -165,25 +165,8 @@ class BaseRegistry:
                 MQTT_REJECTED.labels("unknown_base").inc()
                 log.debug("message on %r from base %r before its first heartbeat", topic[:200], base_id[:80])
                 return
-            if kind == arklet.BIZ_OPERATION:
-                self._on_biz_operation(base, arklet.parse_biz_operation(env.data), env.publish_ts_ms, topic)
-                return
-            if kind == arklet.BATCH_INSTALL_RESPONSE:
-                self._on_batch_install(base, arklet_replies.parse_batch_install_response(env.data),
-                                       env.publish_ts_ms, topic)
-                return
-            if not self._in_order(base, kind, env.publish_ts_ms, topic):
-                return
-            if kind == arklet.SIMPLE_BIZ:
-                self._on_inventory(base, arklet.parse_simple_biz(env.data), env.publish_ts_ms)
-            elif kind == arklet.BIZ:
-                self._on_inventory(base, arklet.parse_biz(env.data), env.publish_ts_ms)
-            elif kind == arklet.BASE_HEALTH:
-                self._on_health(base, arklet.parse_health(env.data))
-            else:
+            if not self._on_base_message(base, kind, env.data, env.publish_ts_ms, topic):
                 MQTT_REJECTED.labels("unsupported").inc()
-                return
-            MQTT_HANDLED.labels(kind).inc()
         except arklet.ArkletError as exc:
             self.reject(exc.kind, topic, exc)
         except Exception:  # a bug must not take the tunnel down; the message is counted and logged
@@ -472,22 +455,34 @@ class BaseRegistry:
             identity = _heartbeat_identity(data)
             self._on_heartbeat(identity, arklet.parse_heartbeat(data, identity), ts, tunnel)
             return
+        if kind not in (arklet.BIZ_OPERATION, arklet.BIZ, arklet.BASE_HEALTH):
+            raise ValueError(f"receive: {kind!r} is not a kind another tunnel delivers")
         base = self.bases.get(base_id)
         if base is None:
             return  # forgotten while the call was out; its next heartbeat brings it back
-        where = f"{tunnel} {kind} of {base_id}"
+        self._on_base_message(base, kind, data, ts, f"{tunnel} {kind} of {base_id}")
+
+    def _on_base_message(self, base: BaseState, kind: str, data: Any, ts: int, where: str) -> bool:
+        """A known base's reply, inventory or health report, whichever tunnel brought it; False for a
+        kind no base sends."""
         if kind == arklet.BIZ_OPERATION:
             self._on_biz_operation(base, arklet.parse_biz_operation(data), ts, where)
-            return
+            return True
+        if kind == arklet.BATCH_INSTALL_RESPONSE:
+            self._on_batch_install(base, arklet_replies.parse_batch_install_response(data), ts, where)
+            return True
         if not self._in_order(base, kind, ts, where):
-            return
-        if kind == arklet.BIZ:
+            return True
+        if kind == arklet.SIMPLE_BIZ:
+            self._on_inventory(base, arklet.parse_simple_biz(data), ts)
+        elif kind == arklet.BIZ:
             self._on_inventory(base, arklet.parse_biz(data), ts)
         elif kind == arklet.BASE_HEALTH:
             self._on_health(base, arklet.parse_health(data))
         else:
-            raise ValueError(f"receive: {kind!r} is not a kind another tunnel delivers")
+            return False
         MQTT_HANDLED.labels(kind).inc()
+        return True
 
 
 def _tunnel_port(tunnel: str, hb: arklet.Heartbeat) -> int:
