@@ -61,6 +61,8 @@ class NodeReconciler:
         # Expiry by observed silence (client-go's way), so replicas' clocks need not agree; a Lease
         # whose renewTime is older than its duration plus this skew by our clock is free at once,
         # so a new replica does not wait a whole Lease period for bases nobody holds.
+        #: Nodes this replica created that its informer has not delivered yet (see sync).
+        self._created: dict[str, dict[str, Any]] = {}
         self.leases = LeaseObserver(default_duration=opts.node.lease_duration_s, max_clock_skew=LEASE_MAX_CLOCK_SKEW_S)
 
     # --- what the informer and the bases say ----------------------------------------------------------
@@ -108,6 +110,7 @@ class NodeReconciler:
 
     def on_node_gone(self, node: dict[str, Any]) -> None:
         name = (node.get("metadata") or {}).get("name", "")
+        self._created.pop(name, None)
         base = self.registry.for_node(name)
         if base is None:
             return
@@ -129,36 +132,62 @@ class NodeReconciler:
             await self._forget(base)
             return None
         now = time.monotonic()
+        node = self._node(name)
+        fresh = False  # the Node was created by this sync, as the base says it is
         if not base.owned:
-            retry = await self._acquire_lease(base)
+            new = node is None and not base.lease_rv
+            if new:
+                # A base never seen before: its Node first, so that its Lease is written once, with
+                # the Node as owner (two API writes per new base; a Lease before the Node took a
+                # third to set the owner). Replicas racing for a new base may both try; one create
+                # wins, and only the Lease's holder writes the Node after that.
+                node, fresh = await self._create_node(base)
+            retry = await self._acquire_lease(base, new=new)
             if retry is not None:
                 return retry
             self.on_owned(base)
         elif now - base.lease_renewed_at >= self.opts.lease_renew_interval * 0.85:
             if not await self._renew_lease(base):
                 return 0.05  # lost it: look at who holds it now
-        node = self.nodes.get(name)
         if node is None:
-            node = await self._create_node(base)
-        if node is not None:
-            await self._update_node(base, node)
+            node, fresh = await self._create_node(base)
+        if not fresh:
+            try:
+                await self._update_node(base, node)
+            except ApiError as exc:
+                if not exc.not_found:
+                    raise
+                self._created.pop(name, None)  # deleted before our informer saw it: make it again
+                return 0.05
         # The next renewal, with jitter so a fleet registered in one burst spreads out over rounds;
         # on average once per interval, as kubelet renews (6 writes a minute at 10 s).
         due = base.lease_renewed_at + self.opts.lease_renew_interval * random.uniform(0.9, 1.1)
         return max(0.05, due - time.monotonic())
 
-    async def _create_node(self, base: BaseState) -> dict[str, Any] | None:
+    def _node(self, name: str) -> dict[str, Any] | None:
+        node = self.nodes.get(name)
+        if node is not None:
+            self._created.pop(name, None)
+            return node
+        # Created by this replica a moment ago, not in the informer yet: the next sync (the base's
+        # health reply) must not POST again, get AlreadyExists and GET it.
+        return self._created.get(name)
+
+    async def _create_node(self, base: BaseState) -> tuple[dict[str, Any], bool]:
+        """The base's Node, and whether this call created it (else it was there: read back)."""
         try:
             created = await self.kube.create(node_path(), vnode.build_node(base, self.opts.node, iso()))
         except ApiError as exc:
             if not exc.already_exists:
                 raise
-            return await self.kube.get(node_path(base.node_name))
+            node: dict[str, Any] = await self.kube.get(node_path(base.node_name))
+            base.node_uid = str((node.get("metadata") or {}).get("uid", "")) or base.node_uid
+            return node, False
         API_WRITES.labels("node_create").inc()
         base.node_uid = str((created.get("metadata") or {}).get("uid", ""))
+        self._created[base.node_name] = created
         log.info("created Node %s for base %s", base.node_name, base.base_id)
-        await self._renew_lease(base)  # now with the Node as owner
-        return None
+        return created, True
 
     async def _update_node(self, base: BaseState, node: dict[str, Any]) -> None:
         name = base.node_name
@@ -184,6 +213,7 @@ class NodeReconciler:
             API_WRITES.labels("node_status").inc()
 
     async def _forget(self, base: BaseState) -> None:
+        self._created.pop(base.node_name, None)
         log.warning("base %s silent for over %.0fs: deleting Node %s", base.base_id, self.registry.gone_after,
                     base.node_name)
         self.registry.remove(base)
@@ -199,30 +229,25 @@ class NodeReconciler:
 
     # --- Leases -------------------------------------------------------------------------------------
 
-    async def _acquire_lease(self, base: BaseState) -> float | None:
+    async def _acquire_lease(self, base: BaseState, *, new: bool = False) -> float | None:
         """Take the base's Lease if it is free or expired. None when this replica holds it now; else
         the seconds until it is worth looking again: just after the holder's Lease would expire, so
-        a standby takes over as soon as the holder stops renewing, with one GET per Lease period."""
+        a standby takes over as soon as the holder stops renewing, with one GET per Lease period.
+
+        `new`: a base with no Node yet, whose Lease most likely does not exist either: create it
+        first (a GET would only say 404), and read it only if someone was first."""
         path = lease_path(vnode.LEASE_NAMESPACE, base.node_name)
         me = self.opts.identity
+        if new:
+            created = await self._create_lease(base)
+            if created:
+                return None
         try:
             lease = await self.kube.get(path)
         except ApiError as exc:
             if not exc.not_found:
                 raise
-            try:
-                created = await self.kube.create(
-                    lease_path(vnode.LEASE_NAMESPACE), vnode.build_lease(base, me, self.opts.node)
-                )
-            except ApiError as exc2:
-                if exc2.already_exists:
-                    return 0.5  # another replica was first: read its Lease to learn when it expires
-                raise
-            API_WRITES.labels("lease").inc()
-            base.lease_rv = str(created["metadata"]["resourceVersion"])
-            base.lease_renewed_at = time.monotonic()
-            base.owned = True
-            return None
+            return None if await self._create_lease(base) else 0.5
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
         left = self.leases.seconds_left(base.node_name, lease)
@@ -251,6 +276,22 @@ class NodeReconciler:
         base.lease_renewed_at = time.monotonic()
         base.owned = True
         return None
+
+    async def _create_lease(self, base: BaseState) -> bool:
+        """False when another replica created it first (its expiry is then learnt by reading it)."""
+        try:
+            created = await self.kube.create(
+                lease_path(vnode.LEASE_NAMESPACE), vnode.build_lease(base, self.opts.identity, self.opts.node)
+            )
+        except ApiError as exc:
+            if exc.already_exists:
+                return False
+            raise
+        API_WRITES.labels("lease").inc()
+        base.lease_rv = str(created["metadata"]["resourceVersion"])
+        base.lease_renewed_at = time.monotonic()
+        base.owned = True
+        return True
 
     async def _renew_lease(self, base: BaseState) -> bool:
         """False when the Lease is no longer ours (someone else wrote it, or it was deleted)."""
