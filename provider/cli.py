@@ -80,9 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=16, help="concurrent Pod and Node syncs (default 16)")
     parser.add_argument(
         "--kube-qps", type=float, default=200.0,
-        help="API request rate limit, burst twice that (default 200/s). Lease renewals alone take bases/10 per "
-        "second (every base's Lease every 10 s), and each module install two Events and a status write: with "
-        "more than ~500 bases raise it, or status writes wait in this limiter behind renewals",
+        help="API request rate limit, burst twice that (default 200/s), for everything but Lease renewals "
+        "(one per base every 10 s, as each kubelet renews its own, never kept waiting by this limit). Each "
+        "module install costs about two Events and a status write",
     )
     g = parser.add_argument_group("kubelet API (kubectl logs / exec on module Pods)")
     g.add_argument(

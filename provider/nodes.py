@@ -301,7 +301,9 @@ class NodeReconciler:
         body = vnode.build_lease(base, self.opts.identity, self.opts.node)
         body["metadata"]["resourceVersion"] = base.lease_rv
         try:
-            updated = await self.kube.replace(path, body)
+            # Not behind --kube-qps: renewals are one per base per interval, as every kubelet renews
+            # its own, and one that waits behind a burst of Pod writes makes a healthy base NotReady.
+            updated = await self.kube.replace(path, body, limited=False)
         except ApiError as exc:
             if exc.conflict or exc.not_found:
                 base.owned = False

@@ -306,11 +306,16 @@ class KubeClient:
         json: Any = None,
         content_type: str | None = None,
         expected: tuple[int, ...] = (200, 201),
+        limited: bool = True,
     ) -> dict[str, Any]:
         """One API call; the decoded JSON answer, or ApiError for any status not in `expected`.
 
         Connection failures are retried with jittered backoff when the verb is idempotent or the
         request never left (connect failed); 429 is retried for every verb, after `Retry-After`.
+        `limited=False` skips the client's rate limiter: for requests whose rate is bounded by
+        something else and that must not wait behind the rest (Lease renewals, one per base per
+        renewal interval, as each kubelet renews its own); kube-apiserver's own flow control
+        still applies.
         """
         method = method.upper()
         # Merge, strategic and apply patches give the same result when applied twice, so a PATCH
@@ -325,7 +330,7 @@ class KubeClient:
             headers = dict(self._headers)
             if body is not None:
                 headers["Content-Type"] = content_type or "application/json"
-            if self._limiter:
+            if self._limiter and limited:
                 await self._limiter.acquire()
             started = time.monotonic()
             try:
@@ -375,8 +380,9 @@ class KubeClient:
     async def create(self, path: str, obj: Any, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return await self.request("POST", path, json=obj, params=params, expected=(200, 201, 202))
 
-    async def replace(self, path: str, obj: Any, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return await self.request("PUT", path, json=obj, params=params, expected=(200, 201))
+    async def replace(self, path: str, obj: Any, params: Mapping[str, Any] | None = None, *,
+                      limited: bool = True) -> dict[str, Any]:
+        return await self.request("PUT", path, json=obj, params=params, expected=(200, 201), limited=limited)
 
     async def patch(
         self,

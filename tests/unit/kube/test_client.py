@@ -4,6 +4,7 @@ replays recorded apiserver bodies (the e2e tests use the real apiserver)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from koupleless.kube.client import (
     ApiError,
     KubeClient,
     LineSplitter,
+    TokenBucket,
     WatchDecodeError,
     lease_path,
     node_path,
@@ -342,3 +344,19 @@ async def test_list_starts_over_unpaged_when_the_continue_token_expires(serve: A
     assert [i["metadata"]["name"] for i in result["items"]] == ["a", "b"]
     assert result["metadata"]["resourceVersion"] == "9"
     assert queries[-1] == {"labelSelector": "app=web"}
+
+
+async def test_unlimited_request_does_not_wait_behind_the_rate_limiter(serve: Any) -> None:
+    """A Lease renewal (limited=False) is answered while ordinary writes wait for the limiter."""
+    async def ok(_request: web.Request) -> web.Response:
+        return web.json_response({"kind": "Lease"})
+
+    client = await serve({"PUT /apis/coordination.k8s.io/v1/namespaces/n/leases/l": ok})
+    client._limiter = TokenBucket(qps=0.01, burst=1)  # one request now, the next in 100 s
+    path = lease_path("n", "l")
+    await client.replace(path, {})
+    waiting = asyncio.ensure_future(client.replace(path, {}))
+    # (with the limiter, this one would be due in 200 s)
+    assert await asyncio.wait_for(client.replace(path, {}, limited=False), 60) == {"kind": "Lease"}
+    assert not waiting.done()
+    waiting.cancel()
