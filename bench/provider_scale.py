@@ -451,10 +451,11 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
         all_nodes = sorted(keys.vnode_name(b) for f in fleets for b in f.bases)
         have = len(pod_ready_at)  # the hop Pods, one module each
         want_pods = max(0, (args.scale_modules - have) // args.containers_per_pod)
-        # Modules named apart from the hop Pods' (biz0, hot0): a base holds one copy of a module, and
-        # a second Pod asking for one it already runs for another Pod is Failed (ModuleConflict).
-        big = [module_pod(ns, f"s-{i}", all_nodes[i % len(all_nodes)], args.containers_per_pod, "mod")
-               for i in range(want_pods)]
+        # Modules named apart from the hop Pods' (biz0, hot0), and each round of Pods over the bases
+        # from the last: a base holds one copy of a module, and a second Pod asking for one it
+        # already runs for another Pod is Failed (ModuleConflict).
+        big = [module_pod(ns, f"s-{i}", all_nodes[i % len(all_nodes)], args.containers_per_pod,
+                          f"mod{i // len(all_nodes)}m") for i in range(want_pods)]
         calls0 = counter_sums(http_port, "koupleless_kube_requests_total", "verb")
         events0 = counter_sums(http_port, "koupleless_kube_events_total", "outcome")
         cpu_at_create = cpu_by_process(cp, provider.pid or 0)

@@ -88,6 +88,23 @@ def test_recorded_watch_events_update_store_index_and_handlers() -> None:
     assert inf.resource_version == POD_WATCH[-1]["object"]["metadata"]["resourceVersion"]
 
 
+def test_store_keeps_no_managed_fields() -> None:
+    """Objects as kube-apiserver sends them carry managedFields; the store (memory at 50,000
+    modules) keeps everything else."""
+    fields = [{"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]
+    items = copy.deepcopy(POD_LIST["items"])
+    for item in items:
+        item["metadata"]["managedFields"] = fields
+    inf, _ = informer_with_recorder()
+    inf.replace(items, POD_LIST["metadata"]["resourceVersion"])
+    for event in copy.deepcopy(POD_WATCH):
+        if isinstance(event.get("object"), dict) and event["type"] != "BOOKMARK":
+            event["object"]["metadata"]["managedFields"] = fields
+        inf.apply_event(event)
+    assert [o["metadata"]["name"] for o in inf.list() if "managedFields" in o["metadata"]] == []
+    assert inf.get("rec/web-1")["metadata"]["labels"]["tier"] == "front"  # the rest is all there
+
+
 def test_index_follows_a_changed_value() -> None:
     inf, _ = informer_with_recorder()
     pod = copy.deepcopy(POD_LIST["items"][0])
