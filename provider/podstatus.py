@@ -172,7 +172,10 @@ def _pruned(value: Any) -> Any:
 def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether writing `new` would change what a user sees (times of unchanged conditions aside)."""
     for key in ("phase", "reason", "message", "containerStatuses", "startTime", "podIP", "hostIP"):
-        if _pruned(old.get(key)) != _pruned(new.get(key)):
+        was, will = old.get(key), new.get(key)
+        # Equal as they are is the usual case (every inventory sweep asks); prune only to be sure
+        # a difference is not just an empty value the API server added or dropped.
+        if was != will and _pruned(was) != _pruned(will):
             return True
     before = {c.get("type"): c.get("status") for c in old.get("conditions") or [] if isinstance(c, dict)}
     return any(before.get(c["type"]) != c["status"] for c in new["conditions"])

@@ -23,6 +23,8 @@ class FakeLeases:
         self.rv = 100
         #: What GET answers instead, when set: a read that raced with someone else's write.
         self.stale: dict[str, Any] | None = None
+        #: `limited` of each replace: renewals must not wait behind --kube-qps.
+        self.limited: list[bool] = []
 
     def put_held(self, name: str, holder: str, renewed_ago_s: float, duration_s: int = 8) -> None:
         renew = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=renewed_ago_s)
@@ -41,8 +43,9 @@ class FakeLeases:
             raise ApiError(404, "NotFound", name)
         return self.leases[name]
 
-    async def replace(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def replace(self, path: str, body: dict[str, Any], *, limited: bool = True) -> dict[str, Any]:
         name = path.rsplit("/", 1)[1]
+        self.limited.append(limited)
         if body["metadata"].get("resourceVersion") != self.leases[name]["metadata"]["resourceVersion"]:
             raise ApiError(409, "Conflict", name)
         self.rv += 1
@@ -107,5 +110,8 @@ async def test_renewal_is_a_queued_job_due_every_interval_with_jitter() -> None:
     assert kube.leases["virtual-node-b1"]["metadata"]["resourceVersion"] == renewed_rv
     assert all(d is not None and 8.5 <= d <= 11.0 for d in delays)
     base.lease_renewed_at -= 9
+    kube.limited.clear()
     await nodes.sync("virtual-node-b1")
     assert kube.leases["virtual-node-b1"]["metadata"]["resourceVersion"] != renewed_rv
+    # a renewal never waits behind the client's rate limit (other writes of a busy provider)
+    assert kube.limited == [False]
