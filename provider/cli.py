@@ -77,7 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "them): report them (Event, metric, log), or also uninstall them. Modules this controller installed for a "
         "Pod that is gone are always uninstalled",
     )
-    parser.add_argument("--workers", type=int, default=16, help="concurrent Pod and Node syncs (default 16)")
+    parser.add_argument("--workers", type=int, default=16, help="concurrent Pod syncs (default 16)")
+    parser.add_argument(
+        "--node-workers", type=int, default=128,
+        help="concurrent Node syncs (default 128). Each base's Lease renewal is one, every 10 s, so this must "
+        "exceed bases / 10 x the API server's write latency in seconds (128: 5,000 bases at 250 ms), or "
+        "renewals fall behind and healthy bases go NotReady",
+    )
     parser.add_argument(
         "--kube-qps", type=float, default=200.0,
         help="API request rate limit, burst twice that (default 200/s), for everything but Lease renewals "
@@ -198,6 +204,9 @@ def http_tunnel_settings(args: argparse.Namespace) -> http_tunnel.HttpTunnelSett
 
 def options_from_args(args: argparse.Namespace) -> ProviderOptions:
     identity = args.identity or os.environ.get("POD_NAME") or socket.gethostname()
+    for flag, n in (("--workers", args.workers), ("--node-workers", args.node_workers)):
+        if n < 1:
+            raise ValueError(f"{flag} {n}: at least 1 (syncs run at once)")
     kubelet = kubelet_settings(args)
     tunnel = http_tunnel_settings(args)
     return ProviderOptions(
@@ -216,6 +225,7 @@ def options_from_args(args: argparse.Namespace) -> ProviderOptions:
         install_timeout=args.install_timeout,
         orphan_policy=args.orphan_policy,
         workers=args.workers,
+        node_workers=args.node_workers,
         admission=admission.AdmissionOptions(
             base_id_pattern=args.base_id_pattern or None,
             allowed_base_names=admission.parse_name_list(args.allowed_base_names),

@@ -66,6 +66,9 @@ class ProviderOptions:
     install_timeout: float = 120.0
     orphan_policy: str = "report"
     workers: int = 16
+    #: Node syncs at once. Every base's Lease renewal is one (a base every 10 s), so they must cover
+    #: bases / 10 s x the API server's write latency: 128 is 5,000 bases at 250 ms a write.
+    node_workers: int = 128
     admission: AdmissionOptions = field(default_factory=AdmissionOptions)
     #: arklet's HTTP tunnel beside MQTT (None: off), and its bases' heartbeat period (arklet: 12 s).
     http_tunnel: HttpTunnelSettings | None = None
@@ -112,7 +115,7 @@ class Provider:
         self.node_reconciler = NodeReconciler(
             kube, self.registry, self.nodes,
             NodeReconcilerOptions(identity=opts.identity, node=opts.node,
-                                  lease_renew_interval=opts.lease_renew_interval, workers=opts.workers),
+                                  lease_renew_interval=opts.lease_renew_interval, workers=opts.node_workers),
             on_owned=self._on_owned,
         )
         self.http_server = HttpTunnelServer(

@@ -115,3 +115,20 @@ async def test_renewal_is_a_queued_job_due_every_interval_with_jitter() -> None:
     assert kube.leases["virtual-node-b1"]["metadata"]["resourceVersion"] != renewed_rv
     # a renewal never waits behind the client's rate limit (other writes of a busy provider)
     assert kube.limited == [False]
+
+
+def test_node_workers_flag_sizes_the_node_queue_apart_from_pod_syncs() -> None:
+    import argparse
+
+    import pytest
+
+    from provider import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    opts = cli.options_from_args(parser.parse_args(["--mqtt-broker", "127.0.0.1:1883", "--workers", "4"]))
+    provider = Provider(FakeLeases(), BrokerOptions("127.0.0.1", 1), opts)  # type: ignore[arg-type]
+    # Lease renewals of thousands of bases must not share the Pod syncs' few workers.
+    assert provider.node_reconciler.queue._workers == 128 and opts.workers == 4
+    with pytest.raises(ValueError, match="--node-workers 0: at least 1"):
+        cli.options_from_args(parser.parse_args(["--mqtt-broker", "127.0.0.1:1883", "--node-workers", "0"]))
