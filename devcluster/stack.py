@@ -8,6 +8,7 @@ import contextlib
 import json
 import shutil
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,13 +49,16 @@ class StackOptions:
 class DevStack:
     options: StackOptions = field(default_factory=StackOptions)
     progress: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+    #: A control plane already running (a bench's), to add components to; stop() leaves it running.
+    #: None: start() starts one of its own.
+    shared_plane: ControlPlane | None = None
 
     def __post_init__(self) -> None:
         # A directory the user named is theirs: kept on exit (its logs are worth reading); only a
         # temp dir made here is removed.
         self.owns_workdir = self.options.workdir is None
         self.workdir = self.options.workdir or Path(tempfile.mkdtemp(prefix="koupleless-dev-"))
-        self.plane = ControlPlane(workdir=self.workdir / "cluster", keep_workdir=True)
+        self.plane = self.shared_plane or ControlPlane(workdir=self.workdir / "cluster", keep_workdir=True)
         self.broker = Broker(workdir=self.workdir / "broker")
         self.components: dict[str, ManagedProcess] = {}
         self.base_sim_port = 0
@@ -67,11 +71,11 @@ class DevStack:
             self.plane.start()
             self.progress("[2/8] mosquitto MQTT broker; the controller's ServiceAccounts and RBAC")
             self.broker.start()
-            self._install_rbac()
+            self.install_rbac()
             self.progress("[3/8] webhook (validates and defaults module Pods)")
-            self._start_webhook()
+            self.start_webhook()
             self.progress("[4/8] scheduler extender, registered with kube-scheduler")
-            self._start_extender()
+            self.start_extender()
             self.progress("[5/8] provider (bases become virtual Nodes)")
             self._start_provider()
             self.progress(f"[6/8] {self.options.bases} simulated bases {self.options.base_name} "
@@ -89,15 +93,21 @@ class DevStack:
         return self
 
     def stop(self) -> None:
-        for name in reversed(list(self.components)):
-            self.components[name].stop()
-        self.components.clear()
+        self.stop_components()
         self.broker.stop()
-        self.plane.stop()
+        if self.shared_plane is None:
+            self.plane.stop()
         if self.owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- components ---------------------------------------------------------------------------
+
+    def stop_components(self) -> None:
+        """Stop the processes this stack started (the webhook's registration stays: see
+        unregister_webhook)."""
+        for name in reversed(list(self.components)):
+            self.components[name].stop()
+        self.components.clear()
 
     def _cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "koupleless.cli", *args]
@@ -107,7 +117,7 @@ class DevStack:
         self.components[name] = proc
         return proc
 
-    def _start_webhook(self) -> None:
+    def start_webhook(self) -> None:
         from webhook.registration import webhook_configuration
 
         d = self.workdir / "webhook-certs"
@@ -124,7 +134,7 @@ class DevStack:
                       # The dev cluster's own default tolerations are shortened too; say so, so the
                       # webhook recognises (and sets) them.
                       "--apiserver-toleration-seconds", str(self.plane.timings.default_toleration_seconds),
-                      # The profile registered with the extender (see _start_extender).
+                      # The profile registered with the extender (see start_extender).
                       "--scheduler-name", MODULE_SCHEDULER_NAME),
         )
         proc.wait_ready(lambda: _https_ok(f"https://127.0.0.1:{port}/readyz", d / "ca.crt"), timeout=30)
@@ -135,6 +145,24 @@ class DevStack:
     def _wait_until_admitting(self) -> None:
         """kube-apiserver picks up a new webhook configuration asynchronously: a server-side dry run
         of a module Pod only the webhook would refuse tells when it is in force."""
+
+        def denied() -> bool:
+            out = self._dry_run_probe()
+            return out.returncode != 0 and "denied the request" in out.stderr
+
+        self.poll(denied, 30, "kube-apiserver to call the webhook", component="webhook")
+
+    def unregister_webhook(self) -> None:
+        """Delete the webhook's registration and wait until kube-apiserver admits without it, so the
+        webhook can stop without module Pods being refused meanwhile (its failurePolicy is Fail)."""
+        from webhook.registration import DEFAULT_NAME
+
+        self.plane.kubectl("delete", "mutatingwebhookconfiguration", DEFAULT_NAME, "--ignore-not-found")
+        self.poll(lambda: self._dry_run_probe().returncode == 0, 30, "kube-apiserver to stop calling the webhook",
+                  component="webhook")
+
+    def _dry_run_probe(self) -> subprocess.CompletedProcess[str]:
+        """A server-side dry run of a module Pod only the webhook refuses (its image is no jar)."""
         probe = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -142,14 +170,9 @@ class DevStack:
                          "labels": {"module-controller.koupleless.io/component": "module"}},
             "spec": {"containers": [{"name": "probe", "image": "not-a-jar"}]},
         }
+        return self.plane.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
 
-        def denied() -> bool:
-            out = self.plane.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
-            return out.returncode != 0 and "denied the request" in out.stderr
-
-        self.poll(denied, 30, "kube-apiserver to call the webhook", component="webhook")
-
-    def _install_rbac(self) -> None:
+    def install_rbac(self) -> None:
         """The ServiceAccounts and RBAC of manifests/, so each component runs with exactly the
         rights a real install grants it (a missing verb shows up here as a Forbidden)."""
         self.plane.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
@@ -160,7 +183,7 @@ class DevStack:
     def _component_kubeconfig(self, service_account: str) -> Path:
         return self.plane.service_account_kubeconfig(CONTROLLER_NAMESPACE, service_account)
 
-    def _start_extender(self) -> None:
+    def start_extender(self) -> None:
         from extender.config import extender_entry, module_profile
 
         port = free_port()

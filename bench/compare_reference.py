@@ -1,0 +1,409 @@
+"""This project beside the reference (koupleless/module-controller v2.2.0, Go), figure by figure.
+
+Each round starts one controller against the same control plane, broker and simulated bases
+(provider/basesim.py, arklet's MQTT protocol, which the reference speaks too), on an env and a
+namespace of its own, and measures:
+
+  3 bases -> 3 Ready Nodes          seconds from the bases starting
+  release                           the seed's module Deployment created -> its Pod Running+Ready
+  scale                             replicas 1 -> 2 -> the new Pod Running+Ready
+  base lost                         a base running a replica stops heartbeating (no goodbye) -> the
+                                    module Running+Ready on the third base
+  delete                            the Deployment deleted -> its Pods on live bases gone
+  200 bases -> 200 Ready Nodes      seconds from the bases starting
+  RSS at 200 bases                  the controller's resident memory after --rss-seconds steady
+
+Ours is `python -m koupleless provider` with its shipped defaults, with the webhook and the scheduler
+extender deployed as devcluster/stack.py deploys them (kube-scheduler restarted with the extender for
+the round, without it for the reference's). The reference is the binary given with
+--reference-binary (built by the user; this script never fetches or builds anything), configured by
+its own environment variables (ENV, ENABLE_MQTT_TUNNEL, MQTT_BROKER, MQTT_PORT, KUBECONFIG), its
+defaults otherwise. The two get the Deployment each one's docs ask users to write: ours the seed's
+sample unchanged (manifests/samples/module-deployment.yaml); the reference's the same but for its
+own module label, no base.koupleless.io/stack term (its Nodes carry no such label), a toleration for
+its second taint (schedule.koupleless.io/node-env), a podAntiAffinity on kubernetes.io/hostname (its
+documented way to keep one copy per base: a second copy on a base fails, REPEAT_BIZ), and a selector
+that matches the template's labels (the sample's does not, which only our webhook mends).
+
+Rounds alternate who goes first, so a busy machine weighs on both alike; between runs every Node,
+Lease, Pod and namespace of the run's env is deleted. Printed: each figure's median and min-max for
+each side, and ours/reference (< 1: ours is faster or smaller); the load average at start and end.
+Without --reference-binary only ours is measured.
+
+    python bench/compare_reference.py --reference-binary /path/to/module-controller --rounds 3
+
+The reference binds :8080 (its report server), :8081 (probes) and :9090 (metrics) on every interface:
+its code fixes them, no setting moves them to loopback; a round stops at once if one is taken.
+Everything this script starts itself binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import statistics
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.provider_scale import (
+    _http_ok,
+    end_phase,
+    proc_stats,
+    provider_command,
+    ready,
+    running_ready,
+    wait_for,
+    watch_namespace,
+)
+from devcluster.broker import Broker
+from devcluster.cluster import ControlPlane
+from devcluster.processes import ManagedProcess, StartError, free_port, log_tail
+from devcluster.stack import SAMPLE_DEPLOYMENT, SAMPLE_NAME, DevStack, StackOptions
+from koupleless import keys
+from koupleless.kube import ApiError, KubeClient, resource_path
+from provider.basesim import BaseSimulator
+from provider.tunnel import BrokerOptions
+
+OURS = "ours"
+REFERENCE = "reference"
+#: Ports the reference's code binds on every interface: report server, probes, metrics.
+REFERENCE_PORTS = (8080, 8081, 9090)
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    unit: str
+
+
+FIGURES = (
+    Figure("bases3", "3 bases -> 3 Ready Nodes", "s"),
+    Figure("release", "release: Deployment -> Pod Running+Ready", "s"),
+    Figure("scale", "scale 1 -> 2: new Pod Running+Ready", "s"),
+    Figure("base_lost", "base lost -> module Running elsewhere", "s"),
+    Figure("delete", "delete Deployment -> Pods gone", "s"),
+    Figure("bases_many", "{many} bases -> {many} Ready Nodes", "s"),
+    Figure("rss", "controller RSS at {many} bases", "MiB"),
+)
+
+Results = dict[str, dict[str, list[float | None]]]
+
+
+class RoundFailed(Exception):
+    """A round cannot go on (its controller exited, or a figure never came): the rest is left out."""
+
+
+# --- the table (pure) ------------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float | None]) -> tuple[float, float, float] | None:
+    """(median, min, max) of the values measured, or None when none was."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return None
+    return statistics.median(got), min(got), max(got)
+
+
+def _cell(values: Sequence[float | None]) -> str:
+    s = spread(values)
+    missing = sum(v is None for v in values)
+    text = "-" if s is None else f"{s[0]:.2f} [{s[1]:.2f}-{s[2]:.2f}]"
+    return text + (f" ({missing}/{len(values)} failed)" if missing else "")
+
+
+def table(results: Results, many: int) -> list[str]:
+    """One line per figure: ours median [min-max], the reference's when measured, and the ratio
+    ours/reference of the medians."""
+    with_ref = REFERENCE in results
+    head = f"{'figure':<46} {'ours median [min-max]':<28}"
+    if with_ref:
+        head += f" {'reference median [min-max]':<28} ours/reference"
+    lines = [head]
+    for f in FIGURES:
+        label = f"{f.label.format(many=many)} ({f.unit})"
+        ours = results.get(OURS, {}).get(f.key, [])
+        line = f"{label:<46} {_cell(ours):<28}"
+        if with_ref:
+            ref = results[REFERENCE].get(f.key, [])
+            a, b = spread(ours), spread(ref)
+            ratio = f"{a[0] / b[0]:.3g}" if a and b and b[0] > 0 else "-"
+            line += f" {_cell(ref):<28} {ratio}"
+        lines.append(line.rstrip())
+    return lines
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-binary", metavar="PATH",
+                        help="a koupleless/module-controller binary you built (its cmd/module-controller); "
+                             "without it only ours is measured")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every controller once (default 3)")
+    parser.add_argument("--many-bases", type=int, default=200, help="bases of the large registration (default 200)")
+    parser.add_argument("--rss-seconds", type=float, default=20.0,
+                        help="steady seconds at --many-bases bases before the RSS is read (default 20)")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds any one figure may take before its round is given up (default 180)")
+    parser.add_argument("--loss-timeout", type=float, default=300.0,
+                        help="the same for the base-lost figure, which waits on node-loss timings (default 300)")
+    parser.add_argument("--workdir", default="/tmp/koupleless-bench-compare", help="logs of every round go here")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give at least 1")
+    if args.many_bases < 1:
+        parser.error(f"--many-bases {args.many_bases}: give at least 1")
+    if args.reference_binary is not None:
+        path = Path(args.reference_binary)
+        if not path.is_file() or not os.access(path, os.X_OK):
+            parser.error(f"--reference-binary {args.reference_binary}: not an executable file; build the reference's "
+                         "cmd/module-controller (go build -o PATH ./cmd/module-controller) and give its path")
+        args.reference_binary = str(path.resolve())
+    return args
+
+
+# --- the two controllers ---------------------------------------------------------------------------
+
+
+def seed_deployment(ns: str) -> dict[str, Any]:
+    dep: dict[str, Any] = yaml.safe_load(SAMPLE_DEPLOYMENT.read_text())
+    dep["metadata"]["namespace"] = ns
+    return dep
+
+
+def reference_deployment(ns: str, env: str) -> dict[str, Any]:
+    """The seed's Deployment as the reference's docs have users write it (see the module docstring)."""
+    dep = seed_deployment(ns)
+    template = dep["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    labels[keys.LABEL_COMPONENT_LEGACY] = labels.pop(keys.LABEL_COMPONENT)
+    spec = template["spec"]
+    for term in spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]:
+        term["matchExpressions"] = [e for e in term["matchExpressions"] if e["key"] != keys.LABEL_BASE_STACK]
+    spec["tolerations"].append(keys.env_toleration(env))
+    # The seed's selector (app=test-module-deployment) does not match its template's app label
+    # (...-non-peer): our webhook reconciles them, kube-apiserver refuses it otherwise.
+    app = {"app": labels["app"]}
+    dep["spec"]["selector"]["matchLabels"] = app
+    spec["affinity"]["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": app}, "topologyKey": keys.LABEL_HOSTNAME}]}
+    return dep
+
+
+class Ours:
+    who = OURS
+
+    def __init__(self, cp: ControlPlane, broker: Broker, env: str, workdir: Path) -> None:
+        self.cp, self.env, self.workdir = cp, env, workdir
+        self.port = free_port()
+        self.process = ManagedProcess("provider", provider_command(cp, broker, env, f"cmp-{env}", self.port),
+                                      workdir / "provider.log")
+        self.stack = DevStack(StackOptions(env=env, workdir=workdir), progress=lambda _: None, shared_plane=cp)
+
+    def node_name(self, base_id: str) -> str:
+        return keys.vnode_name(base_id)
+
+    def deployment(self, ns: str) -> dict[str, Any]:
+        return seed_deployment(ns)
+
+    async def start(self) -> None:
+        for step in (self.stack.install_rbac, self.stack.start_webhook, self.stack.start_extender):
+            await asyncio.to_thread(step)
+        self.process.start()
+        await asyncio.to_thread(self.process.wait_ready, lambda: _http_ok(self.port), 60)
+
+    async def cleanup(self) -> None:
+        """Unregister the webhook, stop it and the extender, and give kube-scheduler back its plain
+        configuration (the reference's rounds run without either)."""
+        try:
+            if "webhook" in self.stack.components:
+                await asyncio.to_thread(self.stack.unregister_webhook)
+        finally:
+            self.stack.stop_components()
+            await asyncio.to_thread(self.cp.start_scheduler)
+
+
+class Reference:
+    who = REFERENCE
+
+    def __init__(self, binary: str, cp: ControlPlane, broker: Broker, env: str, workdir: Path) -> None:
+        self.env = env
+        self.log = workdir / "module-controller.log"
+        # Its own settings (cmd/module-controller/main.go, koupleless_mqtt_tunnel/config.go); every
+        # other one keeps its default.
+        settings = {"KUBECONFIG": str(cp.kubeconfig), "ENV": env, "ENABLE_MQTT_TUNNEL": "true",
+                    "MQTT_BROKER": broker.host, "MQTT_PORT": str(broker.port)}
+        self.process = ManagedProcess("reference", [binary], self.log,
+                                      env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **settings})
+
+    def node_name(self, base_id: str) -> str:
+        return f"vnode.{base_id}.{self.env}"  # virtual-kubelet's FormatNodeName
+
+    def deployment(self, ns: str) -> dict[str, Any]:
+        return reference_deployment(ns, self.env)
+
+    async def start(self) -> None:
+        taken = busy_ports(REFERENCE_PORTS)
+        if taken:
+            raise RoundFailed(f"the reference binds {', '.join(map(str, REFERENCE_PORTS))} on every interface, "
+                              f"and {', '.join(map(str, taken))} is in use on this machine")
+        self.process.start()
+
+        def up() -> bool:
+            # Its probes answer once its manager runs; its MQTT tunnel subscribes on connect.
+            with urllib.request.urlopen("http://127.0.0.1:8081/readyz", timeout=2) as resp:
+                return resp.status == 200 and b"MQTT client connected" in self.log.read_bytes()
+
+        await asyncio.to_thread(self.process.wait_ready, up, 60)
+
+    async def cleanup(self) -> None:
+        return None
+
+
+def exited(proc: ManagedProcess) -> str:
+    """Why a controller stopped, as its log says (a Go panic's first line, else the last line)."""
+    lines = log_tail(proc.log_path, 200).splitlines()
+    why = next((line for line in lines if line.startswith("panic:")), lines[-1] if lines else "no log")
+    return f"{proc.name} exited ({why.strip()[:300]}); see {proc.log_path}"
+
+
+def busy_ports(ports: Sequence[int]) -> list[int]:
+    taken = []
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                taken.append(port)
+    return taken
+
+
+# --- a round ---------------------------------------------------------------------------------------
+
+
+async def one_round(args: argparse.Namespace, cp: ControlPlane, broker: Broker, ctl: Ours | Reference
+                    ) -> dict[str, float | None]:
+    env = tag = ctl.env
+    ns = f"cmp-{tag}"
+    got: dict[str, float | None] = {f.key: None for f in FIGURES}
+    client = KubeClient.from_kubeconfig(str(cp.kubeconfig), qps=None)
+    nodes, pods, _ = await watch_namespace(client, ns, env, tag)
+    fleets: list[BaseSimulator] = []
+    proc = ctl.process
+    dep_path = resource_path("apps/v1", "deployments", ns)
+    try:
+        await ctl.start()
+
+        def check(cond: Callable[[], bool]) -> Callable[[], bool]:
+            def run() -> bool:
+                if not proc.running():
+                    raise RoundFailed(exited(proc))
+                return cond()
+            return run
+
+        async def timed(cond: Callable[[], bool], what: str, timeout: float = args.timeout) -> float:
+            return await wait_for(check(cond), timeout, f"{what} ({ctl.who})")
+
+        def live(lost: str = "") -> list[dict[str, Any]]:
+            return [p for p in pods.list() if running_ready(p) and not p["metadata"].get("deletionTimestamp")
+                    and p["spec"].get("nodeName") != lost]
+
+        async def register(count: int, prefix: str, key: str) -> BaseSimulator:
+            fleet = BaseSimulator(BrokerOptions(broker.host, broker.port), env=env, count=count, id_prefix=prefix)
+            fleets.append(fleet)
+            names = {ctl.node_name(b) for b in fleet.bases}
+            t0 = time.monotonic()
+            await fleet.start()
+            await timed(lambda: sum(ready(n) for n in nodes.list() if n["metadata"]["name"] in names) >= count,
+                        f"{count} Ready Nodes")
+            got[key] = time.monotonic() - t0
+            return fleet
+
+        fleet = await register(3, f"{tag}-b", "bases3")
+        await client.create(dep_path, ctl.deployment(ns))
+        got["release"] = await timed(lambda: len(live()) >= 1, "the released module Running+Ready")
+        await client.patch(f"{dep_path}/{SAMPLE_NAME}", {"spec": {"replicas": 2}})
+        got["scale"] = await timed(lambda: len(live()) >= 2, "2 replicas Running+Ready")
+
+        lost = live()[0]["spec"]["nodeName"]
+        fleet.kill(next(b for b in fleet.bases if ctl.node_name(b) == lost))
+        got["base_lost"] = await timed(lambda: len(live(lost)) >= 2, "the lost base's module Running elsewhere",
+                                       args.loss_timeout)
+        await client.delete(f"{dep_path}/{SAMPLE_NAME}", propagation_policy="Background")
+        got["delete"] = await timed(lambda: not [p for p in pods.list() if p["spec"].get("nodeName") != lost],
+                                    "the Deployment's Pods gone")
+        await fleet.stop(graceful=False)
+
+        await register(args.many_bases, f"{tag}-m", "bases_many")
+        await asyncio.sleep(args.rss_seconds)
+        if not proc.running():
+            raise RoundFailed(exited(proc))
+        got["rss"] = proc_stats(proc.pid or 0)[0]
+    except (RoundFailed, StartError, ApiError, SystemExit) as exc:
+        # provider_scale's wait_for ends a whole bench with SystemExit; here it ends this round only.
+        print(f"    round {tag} given up: {exc}", flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.delete(f"{dep_path}/{SAMPLE_NAME}", propagation_policy="Background")
+        try:
+            await end_phase(fleets, proc, nodes, pods, client, ns, env)
+        finally:
+            await ctl.cleanup()
+    return got
+
+
+async def run(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> Results:
+    work = Path(args.workdir)
+    results: Results = {}
+    for r in range(args.rounds):
+        controllers: list[Ours | Reference] = [Ours(cp, broker, f"cmp{r}o", work / f"r{r}-ours")]
+        if args.reference_binary:
+            controllers.append(Reference(args.reference_binary, cp, broker, f"cmp{r}r", work / f"r{r}-reference"))
+        if r % 2:
+            controllers.reverse()
+        for ctl in controllers:
+            got = await one_round(args, cp, broker, ctl)
+            for key, value in got.items():
+                results.setdefault(ctl.who, {}).setdefault(key, []).append(value)
+            print(f"    round {r} {ctl.who:<9}: " + ", ".join(
+                f"{f.key} " + ("-" if got[f.key] is None else f"{got[f.key]:.2f}{f.unit}") for f in FIGURES), flush=True)
+    return results
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    import uvloop
+
+    print(f"load average at start: {load()} ({os.cpu_count()} CPUs)", flush=True)
+    print(f"reference: {args.reference_binary or 'not given (ours only)'}; {args.rounds} rounds, "
+          f"{args.many_bases} bases in the large registration; control plane with devcluster's node-loss timings",
+          flush=True)
+    try:
+        # Anonymous broker, as provider_scale's: the reference logs in as its default user, and the
+        # simulated bases share one connection.
+        with ControlPlane() as cp, Broker(identity=False) as broker:
+            results = uvloop.run(run(args, cp, broker))
+        print("\n".join(table(results, args.many_bases)))
+    finally:
+        print(f"load average at end: {load()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
