@@ -1,0 +1,92 @@
+"""bench/compare_reference.py's pure parts: its arguments, its table, the reference's Deployment."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from bench.compare_reference import (
+    OURS,
+    REFERENCE,
+    parse_args,
+    reference_deployment,
+    seed_deployment,
+    spread,
+    table,
+)
+from koupleless import keys
+
+
+def test_defaults_measure_ours_only_over_three_rounds() -> None:
+    args = parse_args([])
+    assert (args.reference_binary, args.rounds, args.many_bases) == (None, 3, 200)
+
+
+def test_reference_binary_must_be_an_executable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--reference-binary", str(tmp_path / "missing")])
+    assert "--reference-binary" in capsys.readouterr().err
+    binary = tmp_path / "module-controller"
+    binary.write_bytes(b"")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    assert parse_args(["--reference-binary", str(binary)]).reference_binary == str(binary.resolve())
+
+
+def test_rounds_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])
+    assert "--rounds 0" in capsys.readouterr().err
+
+
+def test_spread_is_median_min_max_of_what_was_measured() -> None:
+    assert spread([3.0, 1.0, 2.0, None]) == (2.0, 1.0, 3.0)
+    assert spread([None, None]) is None
+
+
+def row(lines: list[str], start: str) -> str:
+    return next(line for line in lines if line.startswith(start))
+
+
+def test_table_prints_both_sides_and_the_ratio_of_medians() -> None:
+    results = {
+        OURS: {"release": [1.0, 2.0, 3.0], "rss": [50.0, None, 60.0]},
+        REFERENCE: {"release": [4.0, 4.0, 8.0], "rss": [100.0, 100.0, 100.0]},
+    }
+    lines = table(results, many=200)
+    assert "ours/reference" in lines[0]
+    release = row(lines, "release")
+    assert "2.00 [1.00-3.00]" in release and "4.00 [4.00-8.00]" in release and release.endswith(" 0.5")
+    rss = row(lines, "controller RSS at 200 bases (MiB)")
+    assert "55.00 [50.00-60.00] (1/3 failed)" in rss and rss.endswith(" 0.55")
+
+
+def test_a_figure_the_reference_never_reached_has_no_ratio() -> None:
+    lines = table({OURS: {"delete": [0.1]}, REFERENCE: {"delete": [None]}}, many=200)
+    delete = row(lines, "delete")
+    assert "- (1/1 failed)" in delete and delete.split()[-1] == "-"
+
+
+def test_without_the_reference_only_ours_is_printed() -> None:
+    lines = table({OURS: {"bases_many": [5.0]}}, many=50)
+    assert "reference" not in "\n".join(lines)
+    assert "5.00 [5.00-5.00]" in row(lines, "50 bases -> 50 Ready Nodes (s)")
+
+
+def test_reference_gets_the_seed_deployment_in_its_own_dialect() -> None:
+    seed = seed_deployment("ns1")
+    dep = reference_deployment("ns1", "cmp0r")
+    template = dep["spec"]["template"]
+    assert template["metadata"]["labels"][keys.LABEL_COMPONENT_LEGACY] == "module"
+    assert keys.LABEL_COMPONENT not in template["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"] == {"app": template["metadata"]["labels"]["app"]}
+    terms = template["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert [e["key"] for t in terms["nodeSelectorTerms"] for e in t["matchExpressions"]] == [
+        keys.LABEL_BASE_VERSION, keys.LABEL_BASE_NAME]
+    assert keys.env_toleration("cmp0r") in template["spec"]["tolerations"]
+    anti = template["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["topologyKey"] == keys.LABEL_HOSTNAME
+    # the seed's own Deployment, which ours gets, is left as shipped
+    assert seed["metadata"]["namespace"] == "ns1"
+    assert keys.LABEL_COMPONENT in seed["spec"]["template"]["metadata"]["labels"]
