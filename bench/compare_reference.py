@@ -150,14 +150,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-binary", metavar="PATH",
                         help="a koupleless/module-controller binary you built (its cmd/module-controller); "
                              "without it only ours is measured")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every controller once (default 3)")
-    parser.add_argument("--many-bases", type=int, default=200, help="bases of the large registration (default 200)")
-    parser.add_argument("--rss-seconds", type=float, default=20.0,
-                        help="steady seconds at --many-bases bases before the RSS is read (default 20)")
-    parser.add_argument("--timeout", type=float, default=180.0,
-                        help="seconds any one figure may take before its round is given up (default 180)")
-    parser.add_argument("--loss-timeout", type=float, default=300.0,
-                        help="the same for the base-lost figure, which waits on node-loss timings (default 300)")
+    numbers: tuple[tuple[str, type, float, str], ...] = (
+        ("--rounds", int, 3, "rounds, each running every controller once"),
+        ("--many-bases", int, 200, "bases of the large registration"),
+        ("--rss-seconds", float, 20.0, "steady seconds at --many-bases bases before the RSS is read"),
+        ("--timeout", float, 180.0, "seconds any one figure may take before its round is given up"),
+        ("--loss-timeout", float, 300.0, "the same for the base-lost figure, which waits on node-loss timings"),
+    )
+    for flag, kind, default, what in numbers:
+        parser.add_argument(flag, type=kind, default=kind(default), help=f"{what} (default {default:g})")
     parser.add_argument("--workdir", default="/tmp/koupleless-bench-compare", help="logs of every round go here")
     args = parser.parse_args(argv)
     if args.rounds < 1:
