@@ -166,6 +166,15 @@ class ControlPlane:
         )
         proc.wait_ready(lambda: self._https_ok(port, "/healthz"), timeout=60)
 
+    def restart_controller_manager(self) -> None:
+        """A fresh kube-controller-manager. Its node lifecycle controller taints unreachable Nodes
+        through a rate-limited queue (--node-eviction-rate, one Node per 10 s): Nodes an earlier run
+        left unreachable keep that queue busy after they are deleted, delaying a later run's
+        evictions by minutes. A bench that times node loss run after run starts each with a new one."""
+        if "kube-controller-manager" in self.processes:
+            self.processes.pop("kube-controller-manager").stop()
+        self._start_controller_manager()
+
     # --- internals ----------------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str]) -> ManagedProcess:

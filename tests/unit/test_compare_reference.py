@@ -58,7 +58,7 @@ def test_table_prints_both_sides_and_the_ratio_of_medians() -> None:
     assert "ours/reference" in lines[0]
     release = row(lines, "release")
     assert "2.00 [1.00-3.00]" in release and "4.00 [4.00-8.00]" in release and release.endswith(" 0.5")
-    rss = row(lines, "controller RSS at 200 bases (MiB)")
+    rss = row(lines, "controller RSS at 200 bases, steady (MiB)")
     assert "55.00 [50.00-60.00] (1/3 failed)" in rss and rss.endswith(" 0.55")
 
 
