@@ -135,7 +135,7 @@ def table(results: Results, many: int) -> list[str]:
     head = f"{'figure':<46} {'ours median [min-max]':<28}"
     if with_ref:
         head += f" {'reference median [min-max]':<28} ours/reference"
-    lines = [head]
+    lines = [head.rstrip()]
     for f in FIGURES:
         label = f"{f.label.format(many=many)} ({f.unit})"
         ours = results.get(OURS, {}).get(f.key, [])
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     print(f"load average at start: {load()} ({os.cpu_count()} CPUs)", flush=True)
-    print(f"reference: {args.reference_binary or 'not given (ours only)'}; {args.rounds} rounds, "
+    print(f"reference: {args.reference_binary or 'not given (ours only)'}; rounds: {args.rounds}, "
           f"{args.many_bases} bases in the large registration; control plane with devcluster's node-loss timings",
           flush=True)
     try:
