@@ -143,6 +143,9 @@ class Watched:
 @dataclass
 class Round:
     victim: str
+    #: Monotonic times the base was killed and its Node was Ready again after its restart.
+    killed: float = 0.0
+    recovered: float = float("inf")
     beat_to_kill_ms: float = 0.0
     #: Seconds from the kill: NotReady, tainted, evicted, replacement created, bound, Running+Ready.
     steps: dict[str, float] = field(default_factory=dict)
@@ -176,7 +179,7 @@ async def one_round(n: int, w: Watched, pods: Informer, nodes: Informer, http: a
     beat = await asyncio.wait_for(w.next_beat(victim), BEAT_WAIT_S)
     async with http.post(f"http://127.0.0.1:{pool_port}/bases/{victim}/kill") as resp:
         resp.raise_for_status()
-    killed = time.monotonic()
+    killed = rnd.killed = time.monotonic()
     rnd.beat_to_kill_ms = (killed - beat) * 1000
     print(f"    round {n}: killed base {victim} {rnd.beat_to_kill_ms:.0f} ms after its heartbeat", flush=True)
 
@@ -209,6 +212,7 @@ async def one_round(n: int, w: Watched, pods: Informer, nodes: Informer, http: a
 
     try:
         await until(recovered, RECOVERY_WAIT_S, f"Node {victim_node} Ready and untainted after the restart")
+        rnd.recovered = time.monotonic()
     except TimeoutError as exc:
         rnd.failed = rnd.failed or str(exc)
     return rnd
@@ -249,6 +253,9 @@ async def measure(stack: DevStack, args: argparse.Namespace, pool_port: int, ste
         window = time.monotonic() - window_start
         false_not_ready = [(t - window_start, name) for t, name in w.not_ready
                            if name in steady_nodes and window_start <= t]
+        # the pool's bases too, outside the rounds that killed them
+        pool_false = [(t - window_start, name) for t, name in w.not_ready if name not in steady_nodes and not any(
+            keys.vnode_name(r.victim) == name and r.killed <= t <= r.recovered for r in rounds)]
         gaps = {b: g for b, g in w.longest_gap.items() if keys.vnode_name(b) in steady_nodes}
     finally:
         await http.close()
@@ -258,13 +265,13 @@ async def measure(stack: DevStack, args: argparse.Namespace, pool_port: int, ste
         for task in tasks:
             task.cancel()
         await client.close()
-    report(args, rounds, false_not_ready, gaps, window, len(steady_ids))
+    report(args, rounds, false_not_ready, pool_false, gaps, window, len(steady_ids))
     ok = all(not r.failed for r in rounds)
     return 0 if ok else 1
 
 
 def report(args: argparse.Namespace, rounds: list[Round], false_not_ready: list[tuple[float, str]],
-           gaps: dict[str, float], window: float, steady: int) -> None:
+           pool_false: list[tuple[float, str]], gaps: dict[str, float], window: float, steady: int) -> None:
     print()
     print(f"[a] base loss -> replacement Running+Ready, {len(rounds)} rounds, each base killed just after its "
           "heartbeat (seconds from the kill, as watched)")
@@ -293,6 +300,8 @@ def report(args: argparse.Namespace, rounds: list[Round], false_not_ready: list[
           f"jittered +-{args.jitter:g} s over {window / 60:.1f} min   target {TARGET_FALSE_NOT_READY}")
     for t, name in false_not_ready[:10]:
         print(f"      {t:7.1f} s  {name}")
+    print(f"    and on the pool's {args.pool_bases} bases (10 s heartbeats on time), outside the rounds that killed "
+          f"them: {len(pool_false)}" + "".join(f"; {t:.1f} s {name}" for t, name in pool_false[:10]))
     over = sum(1 for g in gaps.values() if g > args.interval + args.jitter)
     print(f"    longest heartbeat gap seen on the broker: {longest:.1f} s (bases with a gap over "
           f"{args.interval + args.jitter:g} s: {over}/{len(gaps)}); the provider marks NotReady after "
