@@ -43,6 +43,13 @@ class Timings:
     #: tolerationSeconds the DefaultTolerationSeconds plugin gives Pods that set none (300).
     default_toleration_seconds: int = 10
 
+    @classmethod
+    def kubernetes_defaults(cls) -> Timings:
+        """What a user's cluster runs with: kube-controller-manager's and kube-apiserver's own
+        defaults (Kubernetes 1.36), for measurements that must hold there."""
+        return cls(node_monitor_period="5s", node_monitor_grace_period="50s", node_startup_grace_period="1m0s",
+                   default_toleration_seconds=300)
+
 
 @dataclass
 class ControlPlane:

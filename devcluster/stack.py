@@ -23,7 +23,7 @@ import orjson
 from certs import pki
 from devcluster.binaries import KUBERNETES_VERSION
 from devcluster.broker import Broker
-from devcluster.cluster import ControlPlane
+from devcluster.cluster import ControlPlane, Timings
 from devcluster.processes import ManagedProcess, StartError, free_port
 from extender.config import MODULE_SCHEDULER_NAME
 from provider.basesim import default_id_prefix, sim_base_ids
@@ -43,6 +43,11 @@ class StackOptions:
     max_modules: int = 10
     apply_sample: bool = True
     workdir: Path | None = None
+    #: Node-loss timings of the control plane (default: the dev cluster's shortened ones).
+    timings: Timings = field(default_factory=Timings)
+    #: Flags appended to the provider's and the webhook's command lines (benchmarks comparing defaults).
+    provider_args: tuple[str, ...] = ()
+    webhook_args: tuple[str, ...] = ()
 
 
 @dataclass
@@ -58,7 +63,8 @@ class DevStack:
         # temp dir made here is removed.
         self.owns_workdir = self.options.workdir is None
         self.workdir = self.options.workdir or Path(tempfile.mkdtemp(prefix="koupleless-dev-"))
-        self.plane = self.shared_plane or ControlPlane(workdir=self.workdir / "cluster", keep_workdir=True)
+        self.plane = self.shared_plane or ControlPlane(workdir=self.workdir / "cluster", keep_workdir=True,
+                                                       timings=self.options.timings)
         self.broker = Broker(workdir=self.workdir / "broker")
         self.components: dict[str, ManagedProcess] = {}
         self.base_sim_port = 0
@@ -135,7 +141,7 @@ class DevStack:
                       # webhook recognises (and sets) them.
                       "--apiserver-toleration-seconds", str(self.plane.timings.default_toleration_seconds),
                       # The profile registered with the extender (see start_extender).
-                      "--scheduler-name", MODULE_SCHEDULER_NAME),
+                      "--scheduler-name", MODULE_SCHEDULER_NAME, *self.options.webhook_args),
         )
         proc.wait_ready(lambda: _https_ok(f"https://127.0.0.1:{port}/readyz", d / "ca.crt"), timeout=30)
         config = webhook_configuration(f"https://127.0.0.1:{port}/mutate", ca.cert_pem)
@@ -205,20 +211,26 @@ class DevStack:
                       "--env", self.options.env, "--max-modules", str(self.options.max_modules),
                       "--http-host", "127.0.0.1", "--http-port", str(port),
                       # kubectl logs / exec on module Pods: kube-apiserver calls the provider.
-                      *self.plane.kubelet_args(free_port())),
+                      *self.plane.kubelet_args(free_port()), *self.options.provider_args),
         )
         proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=30)
 
     def _start_bases(self) -> None:
-        self.base_sim_port = free_port()
         o = self.options
+        self.base_sim_port = self.start_base_sim("base-sim", o.bases, o.base_name, o.base_version)
+
+    def start_base_sim(self, label: str, count: int, name: str, version: str, *extra: str) -> int:
+        """One more base-sim process of `count` bases `name` `version` on this stack's broker and env,
+        each logged in as its own baseID; returns its status port (/bases, kill, restart)."""
+        port = free_port()
         proc = self._spawn(
-            "base-sim",
-            self._cli("base-sim", "--mqtt-broker", self.broker.address, "--env", o.env, "--count", str(o.bases),
-                      "--name", o.base_name, "--version", o.base_version, "--status-port", str(self.base_sim_port),
-                      *self.base_logins(sim_base_ids(default_id_prefix(o.base_name, o.base_version), o.bases))),
+            label,
+            self._cli("base-sim", "--mqtt-broker", self.broker.address, "--env", self.options.env, "--count", str(count),
+                      "--name", name, "--version", version, "--status-port", str(port),
+                      *self.base_logins(sim_base_ids(default_id_prefix(name, version), count)), *extra),
         )
-        proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{self.base_sim_port}/readyz"), timeout=30)
+        proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=30)
+        return port
 
     def base_logins(self, base_ids: list[str]) -> list[str]:
         """base-sim's flags for these bases to log in to the dev broker, each as its own baseID

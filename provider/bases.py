@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from prometheus_client import Counter
@@ -40,11 +41,18 @@ MAX_FUTURE_SKEW_MS = 10_000
 CLOCK_STEP_HEARTBEATS = 3
 #: Heartbeat intervals of silence after a base said it was leaving (a DEACTIVATED heartbeat) before
 #: its Node goes NotReady: long enough for the base's next ACTIVATED heartbeat to prove a forged
-#: goodbye wrong, shorter than --missed-heartbeats for a base that really left.
+#: goodbye wrong, even when that beat is late. No longer than --missed-heartbeats (default 2) counted
+#: from the last ACTIVATED one, which usually comes first; either way the reason is BaseDeactivated.
 GOODBYE_CONFIRM_HEARTBEATS = 2
 #: The slowest heartbeat of any arklet (runtime 1.3.0-1.3.1): an old-dialect base is given this long
 #: between heartbeats until its second one shows how often it really beats.
 LEGACY_HEARTBEAT_MAX_S = 120.0
+
+
+def judge_period(heartbeat_interval: float) -> float:
+    """How often the provider judges liveness (`BaseRegistry.judge`): a silence is seen at most this
+    long after it passes --missed-heartbeats x --heartbeat-interval."""
+    return min(1.0, heartbeat_interval / 2)
 
 
 class BaseListener(Protocol):
@@ -69,8 +77,11 @@ class BaseListener(Protocol):
 
 class BaseRegistry:
     def __init__(self, env: str, listener: BaseListener, *, heartbeat_interval: float, missed_heartbeats: int,
-                 gone_after: float, admission: BaseAdmission | None = None) -> None:
+                 gone_after: float, admission: BaseAdmission | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.env = env
+        #: Monotonic seconds: every liveness time (heard, heartbeat, goodbye, hearing since) is on it.
+        self.clock = clock
         #: Which heartbeats may make or keep a Node (provider/admission.py); None: every valid one.
         self.admission = admission
         self.listener = listener
@@ -115,7 +126,7 @@ class BaseRegistry:
         if not up:
             self.hearing_since = None
             return
-        self.hearing_since = time.monotonic()
+        self.hearing_since = self.clock()
         for base in self.bases.values():
             if base.tunnel != TUNNEL_MQTT:
                 continue  # the broker says nothing about bases on another tunnel
@@ -176,7 +187,7 @@ class BaseRegistry:
     def _in_order(self, base: BaseState, kind: str, ts: int, topic: str) -> bool:
         last = base.last_ts.get(kind)
         if last is not None and ts <= last:
-            now = time.monotonic()
+            now = self.clock()
             if kind == arklet.HEART and base.stale_since is not None \
                     and now - base.stale_since > CLOCK_STEP_HEARTBEATS * self.heartbeat_interval:
                 # Nothing but old-dated heartbeats for a while: not a replay, the base's clock went
@@ -197,7 +208,7 @@ class BaseRegistry:
         return True
 
     def _heard(self, base: BaseState) -> None:
-        base.last_heard = time.monotonic()
+        base.last_heard = self.clock()
         if not base.heard_since_connect:
             base.heard_since_connect = True
             self.listener.base_heard_again(base)
@@ -228,7 +239,7 @@ class BaseRegistry:
         if not self._in_order(base, arklet.HEART, ts, topic):
             return
         MQTT_HANDLED.labels(arklet.HEART).inc()
-        now = time.monotonic()
+        now = self.clock()
         if hb.dialect == arklet.DIALECT_LEGACY:
             gap = now - base.last_heartbeat_at if base.last_heartbeat_at else LEGACY_HEARTBEAT_MAX_S
             base.heartbeat_every = min(max(gap, 0.0), LEGACY_HEARTBEAT_MAX_S)
@@ -268,7 +279,7 @@ class BaseRegistry:
             return
         MQTT_HANDLED.labels(arklet.HEART).inc()
         if base.goodbye_at is None and base.ready:
-            base.goodbye_at = time.monotonic()
+            base.goodbye_at = self.clock()
             base.goodbye_state = hb.state[:40]
             log.info("base %s reported state %s; its Node goes NotReady unless a heartbeat follows within %gs",
                      base.base_id, ascii(base.goodbye_state),
@@ -411,7 +422,7 @@ class BaseRegistry:
         Silence counts only from when this provider could hear: during its own outage, and for one
         heartbeat interval after it reconnects (the bases' first heartbeats are on their way), no
         base is judged at all."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         gone = []
         for base in list(self.bases.values()):
             if base.tunnel == TUNNEL_HTTP:
@@ -423,15 +434,17 @@ class BaseRegistry:
             # An old-dialect base beats at its own pace (runtime 1.3.0: every 120 s).
             interval = max(interval, base.heartbeat_every or 0.0)
             silent = now - max(base.last_heard, since)
-            if base.ready and base.goodbye_at is not None \
-                    and now - max(base.goodbye_at, since) > interval * GOODBYE_CONFIRM_HEARTBEATS:
+            missed = silent > interval * self.missed_heartbeats
+            if base.ready and base.goodbye_at is not None and (
+                    missed or now - max(base.goodbye_at, since) > interval * GOODBYE_CONFIRM_HEARTBEATS):
+                # A goodbye that silence confirmed (whichever bound passed first) says why.
                 self.set_not_ready(
                     base,
                     "BaseDeactivated",
                     f"base {base.base_id} reported state {base.goodbye_state!a} and sent no heartbeat "
                     f"for {now - base.goodbye_at:.0f}s after it",
                 )
-            elif base.ready and silent > interval * self.missed_heartbeats:
+            elif base.ready and missed:
                 self.set_not_ready(
                     base,
                     "BaseHeartbeatMissed",

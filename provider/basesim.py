@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +163,30 @@ def sim_base_ids(prefix: str, count: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(count)]
 
 
+def heartbeat_schedule(count: int, interval: float, jitter: float, start: float,
+                       rng: random.Random) -> Iterator[tuple[float, int]]:
+    """(time, base index) of every heartbeat of `count` bases from `start` on, in time order.
+
+    arklet's heartbeat is a fixed-rate timer: base n beats in its own slot of the interval (a big
+    fleet spread over it instead of one burst), once an interval. With `jitter` each beat is moved
+    off its slot by up to that much either way, independently, so two beats of one base are
+    interval +- 2 x jitter apart and the slots never drift. The first slots start one jitter after
+    `start`, so no beat is due before it."""
+    step = interval / max(count, 1)
+    first = start + jitter
+
+    def jittered(slot: float) -> float:
+        return slot + rng.uniform(-jitter, jitter) if jitter else slot
+
+    due = [(jittered(first + i * step), i, first + i * step) for i in range(count)]
+    heapq.heapify(due)
+    while due:
+        at, i, slot = due[0]
+        yield at, i
+        slot += interval
+        heapq.heapreplace(due, (jittered(slot), i, slot))
+
+
 class BaseSimulator:
     def __init__(
         self,
@@ -177,6 +202,7 @@ class BaseSimulator:
         fail_rate: float = 0.0,
         fail_biz: frozenset[str] = frozenset(),
         heartbeat_interval: float | None = None,
+        heartbeat_jitter: float = 0.0,
         memory_mb: int = 4096,
         cpus: int = 4,
         seed: int | None = None,
@@ -194,7 +220,14 @@ class BaseSimulator:
         self.install_delay = install_delay
         self.fail_rate = fail_rate
         self.fail_biz = fail_biz
+        if not 0.0 <= heartbeat_jitter < heartbeat_interval / 2:
+            raise ValueError(f"--heartbeat-jitter {heartbeat_jitter:g}: between 0 and half the heartbeat interval "
+                             f"(under {heartbeat_interval / 2:g} s), so each base's beats stay in order")
         self.heartbeat_interval = heartbeat_interval
+        #: Each beat lands up to this many seconds before or after its slot on the fixed-rate schedule
+        #: (network or GC delay); the schedule itself never drifts.
+        self.heartbeat_jitter = heartbeat_jitter
+        self._jitter_random = random.Random(None if seed is None else seed + 1)
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.version_from_jar = version_from_jar
@@ -389,19 +422,13 @@ class BaseSimulator:
             self._publish(base, arklet.BIZ_OPERATION, reply)
 
     async def _heartbeats(self) -> None:
-        while True:
-            # Spread a big fleet's heartbeats over the interval instead of one burst.
-            bases = list(self.bases.values())
-            step = self.heartbeat_interval / max(len(bases), 1)
-            started = time.monotonic()
-            for i, base in enumerate(bases):
-                delay = started + i * step - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if base.alive:
-                    self._heartbeat(base)
-            rest = started + self.heartbeat_interval - time.monotonic()
-            await asyncio.sleep(max(rest, 0.01))
+        bases = list(self.bases.values())
+        for at, i in heartbeat_schedule(len(bases), self.heartbeat_interval, self.heartbeat_jitter,
+                                        time.monotonic(), self._jitter_random):
+            # Also when behind (sleep 0): a fleet late on every beat still lets its replies out.
+            await asyncio.sleep(max(at - time.monotonic(), 0.0))
+            if bases[i].alive:
+                self._heartbeat(bases[i])
 
     # --- incoming ---------------------------------------------------------------------------------------
 

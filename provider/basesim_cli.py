@@ -100,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--heartbeat-interval", type=float, default=None, metavar="S",
         help="seconds between heartbeats (default as the dialect's arklet: 10, 120 for 1.3.0)",
     )
+    parser.add_argument(
+        "--heartbeat-jitter", type=float, default=0.0, metavar="S",
+        help="move each heartbeat off its fixed-rate slot by a random amount of up to S seconds either way, as "
+        "network or GC delay would (under half the interval; default 0: arklet's exact timer)",
+    )
     parser.add_argument("--memory-mb", type=int, default=4096, help="JVM max memory each base reports")
     parser.add_argument("--cpus", type=int, default=4, help="CPU count each base reports")
     parser.add_argument("--status-port", type=int, default=0, help="HTTP port on 127.0.0.1 for /bases (0: off)")
@@ -161,6 +166,12 @@ def run(args: argparse.Namespace) -> int:
         print("base-sim: --fail-rate is a probability between 0 and 1", flush=True)
         return 2
 
+    interval = args.heartbeat_interval or basesim_dialects.DIALECTS[args.dialect].heartbeat_s
+    if not 0.0 <= args.heartbeat_jitter < interval / 2:
+        print(f"base-sim: --heartbeat-jitter {args.heartbeat_jitter:g}: give 0 or more, under half the heartbeat "
+              f"interval ({interval / 2:g} s), so each base's beats stay in order", flush=True)
+        return 2
+
     if args.tunnel == "http" and not args.http_heartbeat_endpoint:
         print("base-sim: --tunnel http needs --http-heartbeat-endpoint URL (the provider's --http-tunnel-port)",
               flush=True)
@@ -191,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             fail_rate=args.fail_rate,
             fail_biz=frozenset(args.fail_biz),
             heartbeat_interval=args.heartbeat_interval,
+            heartbeat_jitter=args.heartbeat_jitter,
             memory_mb=args.memory_mb,
             cpus=args.cpus,
             seed=args.seed,

@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-modules", type=int, default=10, help=f"Node capacity '{keys.RESOURCE_MODULE}' per base (default 10)")
     g.add_argument("--env-taint", action="store_true", help=f"also taint Nodes {keys.TAINT_NODE_ENV}=<env>:NoExecute")
     g.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="S", help="bases' heartbeat period (default 10)")
-    g.add_argument("--missed-heartbeats", type=int, default=3, help="missed heartbeats before a Node goes NotReady (default 3)")
+    g.add_argument("--missed-heartbeats", type=int, default=ProviderOptions().missed_heartbeats,
+                   help="missed heartbeats before a Node goes NotReady: NotReady after this many heartbeat intervals of "
+                   f"silence (default {ProviderOptions().missed_heartbeats})")
     g.add_argument(
         "--lease-duration", type=int, default=vnode.LEASE_DURATION_S, metavar="S",
         help="base Lease duration, renewed every quarter of it; with several replicas, a standby takes over "
@@ -256,6 +258,11 @@ def run(args: argparse.Namespace) -> int:
         except re.error as exc:
             log.error("--base-id-pattern %r is not a regular expression: %s", args.base_id_pattern, exc)
             return 2
+    if args.missed_heartbeats < 1 or args.heartbeat_interval <= 0:
+        log.error("--missed-heartbeats %d --heartbeat-interval %g: give 1 or more heartbeats and a period over 0 s "
+                  "(a Node goes NotReady after their product in seconds of silence)",
+                  args.missed_heartbeats, args.heartbeat_interval)
+        return 2
     if args.new_bases_per_minute < 0:
         log.error("--new-bases-per-minute %d: give 0 (no limit) or more", args.new_bases_per_minute)
         return 2

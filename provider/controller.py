@@ -28,7 +28,7 @@ from koupleless.supervise import Supervisor
 from provider import vnode
 from provider.admission import AdmissionOptions, BaseAdmission
 from provider.baseline import baseline_models, claim_baseline
-from provider.bases import BaseRegistry
+from provider.bases import BaseRegistry, judge_period
 from provider.commands import CommandSender
 from provider.http_commands import HttpCallOptions, HttpCommands, Stamps
 from provider.http_tunnel import HttpTunnelServer, HttpTunnelSettings
@@ -57,7 +57,9 @@ class ProviderOptions:
     identity: str = "module-controller"
     node: vnode.NodeOptions = field(default_factory=vnode.NodeOptions)
     heartbeat_interval: float = 10.0
-    missed_heartbeats: int = 3
+    #: NotReady after 2 x 10 s of silence, 4 s more than a healthy base's worst gap with heartbeats
+    #: 3 s off their slots (README, "A base that dies": the arithmetic of the 45 s target).
+    missed_heartbeats: int = 2
     gone_after: float = 600.0
     #: kubelet's ratio: renew every quarter of the Lease duration (10 s of 40 s).
     lease_renew_interval: float = vnode.LEASE_DURATION_S / 4
@@ -267,7 +269,7 @@ class Provider:
 
     async def _liveness_loop(self) -> None:
         while True:
-            await asyncio.sleep(min(1.0, self.opts.heartbeat_interval / 2))
+            await asyncio.sleep(judge_period(self.opts.heartbeat_interval))
             for base in self.registry.judge():
                 self.node_reconciler.queue.add(base.node_name)
             self.admission.tick()

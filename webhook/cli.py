@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eviction-toleration-seconds",
         type=int,
-        default=30,
-        help="how long a module stays on a base that stopped answering before it is evicted (default 30)",
+        default=Defaults().eviction_toleration_seconds,
+        help="how long a module stays on a base that stopped answering before it is evicted, counted from its Node's "
+        f"not-ready taint (default {Defaults().eviction_toleration_seconds})",
     )
     parser.add_argument(
         "--apiserver-toleration-seconds",

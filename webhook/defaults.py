@@ -36,8 +36,10 @@ class Defaults:
     #: The provider's env; its taint is tolerated only when the provider puts it on vnodes.
     env: str = keys.DEFAULT_ENV
     env_taint: bool = False
-    #: How long a module stays bound to a base that stopped answering before it is evicted.
-    eviction_toleration_seconds: int = 30
+    #: How long a module stays bound to a base that stopped answering before it is evicted, counted
+    #: from the Node's not-ready taint: with the provider's defaults a module leaves a base silent
+    #: for 20 s (NotReady) + up to 5 s (node lifecycle controller) + this (README, "A base that dies").
+    eviction_toleration_seconds: int = 10
     #: The apiserver's --default-not-ready-toleration-seconds / --default-unreachable-toleration-seconds:
     #: tolerations with exactly this value were added by the apiserver, not the user.
     apiserver_toleration_seconds: int = 300
@@ -164,7 +166,7 @@ def _toleration_warnings(before: list[Any], after: list[dict[str, Any]], default
         taints = " and ".join(f"{key}:{_NO_EXECUTE}" for key in eviction)
         out.append(
             f"spec.template.spec.tolerations: {taints} now tolerated for {seconds}s, so modules leave a "
-            f"base that stopped answering within {seconds} s"
+            f"base that stopped answering {seconds} s after its Node is tainted"
         )
     return out
 

@@ -168,16 +168,20 @@ def test_refusals_in_a_flood_are_summarised_and_memory_stays_bounded(caplog: pyt
 
 
 def test_a_forged_goodbye_does_not_make_a_node_not_ready() -> None:
-    rig, _clock = rig_with(heartbeat_interval=10)
+    rig, clock = rig_with(heartbeat_interval=10)
+    rig.registry.clock = clock
+    rig.registry.connection_changed(True)
     rig.heartbeat("b1")
     b = rig.base("b1")
     assert b.ready
     # a forger's DEACTIVATED heartbeat, dated ahead so it would make the real heartbeats "stale"
     rig.say("b1", arklet.HEART, heart("b1", state="deactivated"), ts=arklet.now_ms() + 9_000)
     assert b.ready and b.goodbye_at is not None
+    forged_at = b.goodbye_at
+    clock.now += 10
     rig.heartbeat("b1")  # the real base, ten seconds later, still alive
     assert b.goodbye_at is None
-    rig.registry.judge(b.last_heard + 25)
+    rig.registry.judge(forged_at + 25)  # past the goodbye's two intervals, not 2 missed heartbeats
     assert b.ready
     # a real goodbye: nothing follows it, so two intervals later the Node is NotReady
     rig.heartbeat("b1", state="deactivated")

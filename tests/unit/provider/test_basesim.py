@@ -6,6 +6,8 @@ port shows; waiting is always `async_wait_until` with a deadline."""
 from __future__ import annotations
 
 import argparse
+import itertools
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from devcluster.broker import FLEET_USER, Broker
 from koupleless import arklet
-from provider.basesim import BaseSimulator
+from provider.basesim import BaseSimulator, heartbeat_schedule
 from provider.basesim_cli import add_arguments, make_app
 from provider.tunnel import BrokerOptions, MqttTunnel
 from tests.helpers import async_wait_until
@@ -461,3 +463,31 @@ async def _true(value: T) -> T:
 
 async def _at_least(items: list[Any], n: int) -> list[Any] | None:
     return items if len(items) >= n else None
+
+
+# --- the heartbeat timer ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jitter", [0.0, 3.0])
+def test_heartbeats_keep_a_fixed_rate_schedule_and_jitter_only_moves_each_beat_off_its_slot(jitter: float) -> None:
+    """arklet beats on a fixed-rate timer; --heartbeat-jitter moves each beat up to that far either
+    way, independently, so gaps are interval +- 2 x jitter and the schedule never drifts."""
+    beats = list(itertools.islice(heartbeat_schedule(5, 10.0, jitter, 100.0, random.Random(7)), 5 * 200))
+    assert [t for t, _ in beats] == sorted(t for t, _ in beats)
+    for i in range(5):
+        times = [t for t, who in beats if who == i]
+        assert len(times) == 200
+        slots = [100.0 + jitter + i * 2.0 + k * 10.0 for k in range(200)]  # base i's slot: 2 s apart in the fleet
+        assert all(abs(t - slot) <= jitter for t, slot in zip(times, slots, strict=True))
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert all(10.0 - 2 * jitter <= g <= 10.0 + 2 * jitter for g in gaps)
+        if jitter:
+            assert max(gaps) > 10.0 + jitter and min(gaps) < 10.0 - jitter  # the jitter is really there
+        else:
+            assert gaps == pytest.approx([10.0] * 199)
+    assert beats[0][0] >= 100.0  # nothing is due before the timer starts
+
+
+def test_heartbeat_jitter_of_half_the_interval_or_more_is_refused() -> None:
+    with pytest.raises(ValueError, match="--heartbeat-jitter 5: between 0 and half the heartbeat interval"):
+        BaseSimulator(BrokerOptions("127.0.0.1", 1), heartbeat_interval=10.0, heartbeat_jitter=5.0)

@@ -76,7 +76,8 @@ def test_seed_pod_only_gets_module_resource_and_short_eviction_tolerations() -> 
         "limits": {keys.RESOURCE_MODULE: "1"},
     }
     assert stored["spec"]["tolerations"][0] == pod["spec"]["tolerations"][0]
-    assert eviction_tolerations(stored) == {keys.TAINT_NOT_READY: 30, keys.TAINT_UNREACHABLE: 30}
+    short = Defaults().eviction_toleration_seconds  # 10 (README, "A base that dies")
+    assert eviction_tolerations(stored) == {keys.TAINT_NOT_READY: short, keys.TAINT_UNREACHABLE: short}
     assert terms(stored) == terms(pod)
     assert container["env"] == pod["spec"]["containers"][0]["env"]
 

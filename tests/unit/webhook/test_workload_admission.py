@@ -24,6 +24,8 @@ KINDS = {
     "StatefulSet": "statefulsets",
     "DaemonSet": "daemonsets",
 }
+#: The short not-ready / unreachable toleration the webhook gives by default (README, "A base that dies").
+SHORT = Defaults().eviction_toleration_seconds
 NEW_JAR = SEED_JAR.replace("0.0.1-SNAPSHOT", "0.0.2-SNAPSHOT")
 TERM = "spec.template.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
 
@@ -100,7 +102,7 @@ def test_a_daemonset_without_the_toleration_gets_it_in_its_template() -> None:
 
 def test_a_daemonset_template_gets_no_short_eviction_tolerations() -> None:
     """Its controller makes every Pod tolerate not-ready / unreachable forever (DaemonSet semantics),
-    so 30 s in the template would be overwritten, and a warning promising 30 s untrue."""
+    so a short toleration in the template would be overwritten, and a warning promising it untrue."""
     stored, warnings = admitted(seed_daemonset())
     keys_ = [t["key"] for t in template_spec(stored)["tolerations"]]
     assert keys_ == [keys.TAINT_VIRTUAL_NODE]
@@ -115,11 +117,11 @@ def test_other_workload_templates_get_the_short_eviction_tolerations(kind: str) 
         del obj["spec"]["strategy"]
     stored, warnings = admitted(obj)
     tolerations = {t["key"]: t.get("tolerationSeconds") for t in template_spec(stored)["tolerations"]}
-    assert tolerations == {keys.TAINT_VIRTUAL_NODE: None, keys.TAINT_NOT_READY: 30, keys.TAINT_UNREACHABLE: 30}
+    assert tolerations == {keys.TAINT_VIRTUAL_NODE: None, keys.TAINT_NOT_READY: SHORT, keys.TAINT_UNREACHABLE: SHORT}
     assert (
         "spec.template.spec.tolerations: node.kubernetes.io/not-ready:NoExecute and "
-        "node.kubernetes.io/unreachable:NoExecute now tolerated for 30s, so modules leave a base that stopped "
-        "answering within 30 s"
+        f"node.kubernetes.io/unreachable:NoExecute now tolerated for {SHORT}s, so modules leave a base that stopped "
+        f"answering {SHORT} s after its Node is tainted"
     ) in warnings
 
 
@@ -130,7 +132,7 @@ def test_the_apiservers_300s_tolerations_in_a_template_are_shortened() -> None:
     )
     stored, warnings = admitted(obj)
     seconds = [t.get("tolerationSeconds") for t in template_spec(stored)["tolerations"] if t["key"] == keys.TAINT_NOT_READY]
-    assert seconds == [30]
+    assert seconds == [SHORT]
     assert any(w.startswith("spec.template.spec.tolerations: node.kubernetes.io/not-ready:NoExecute and ") for w in warnings)
 
 
