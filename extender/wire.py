@@ -148,15 +148,7 @@ def filter_result(
     args: ExtenderArgs, passing: list[str], failed: dict[str, str], nodes_by_name: dict[str, JsonDict] | None = None
 ) -> JsonDict:
     """ExtenderFilterResult in the field that matches the request's mode: the other one null, or the
-    scheduler would drop every Node.
-
-    The reasons go out only when no Node passes. kube-scheduler reads them for nothing else: they
-    become the per-Node statuses of the Pod's diagnosis (schedule_one.go findNodesThatPassExtenders),
-    which only a Pod that fits nowhere uses (its FitError, the FailedScheduling event, and
-    preemption, which runs only then). With a Node passing they would be tens of kB per call at
-    hundreds of bases, encoded here and decoded there for nothing."""
-    if passing:
-        failed = {}
+    scheduler would drop every Node."""
     if args.node_names is not None:
         return {"Nodes": None, "NodeNames": passing, "FailedNodes": {}, "FailedAndUnresolvableNodes": failed,
                 "Error": ""}

@@ -31,7 +31,7 @@ async def test_names_mode_filter_from_the_scheduler() -> None:
     result = await Extender(cluster()).filter(wire.parse_extender_args(recorded("names_filter.json")))
     assert result["Nodes"] is None
     assert sorted(result["NodeNames"]) == ["virtual-node-base-a", "virtual-node-base-b"]  # equal: both go
-    assert result["FailedAndUnresolvableNodes"] == {}  # a base passes: the scheduler shows no reasons
+    assert result["FailedAndUnresolvableNodes"] == {"virtual-node-base-old": "base version not in [1.1.1]"}
     assert result["Error"] == ""
 
 
@@ -58,7 +58,7 @@ async def test_full_node_mode_filter_from_the_scheduler_needs_no_cache() -> None
     assert result["NodeNames"] is None
     assert sorted(n["metadata"]["name"] for n in result["Nodes"]["items"]) == ["virtual-node-base-a",
                                                                             "virtual-node-base-b"]
-    assert result["FailedAndUnresolvableNodes"] == {}
+    assert result["FailedAndUnresolvableNodes"] == {"virtual-node-base-old": "base version not in [1.1.1]"}
 
 
 def test_prioritize_from_the_scheduler_prefers_the_emptier_base() -> None:

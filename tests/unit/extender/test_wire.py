@@ -50,13 +50,9 @@ def test_malformed_args_name_the_field_and_the_fix(payload: bytes, field: str) -
 
 def test_filter_result_uses_the_field_of_the_request_mode() -> None:
     names = wire.ExtenderArgs(pod={}, nodes=None, node_names=["a", "b"])
-    result = wire.filter_result(names, [], {"a": "base not Ready", "b": "base not Ready"})
-    assert result == {"Nodes": None, "NodeNames": [], "FailedNodes": {},
-                      "FailedAndUnresolvableNodes": {"a": "base not Ready", "b": "base not Ready"}, "Error": ""}
-    # With a Node passing, kube-scheduler never shows the reasons: they are not sent.
     result = wire.filter_result(names, ["a"], {"b": "base not Ready"})
-    assert result == {"Nodes": None, "NodeNames": ["a"], "FailedNodes": {}, "FailedAndUnresolvableNodes": {},
-                      "Error": ""}
+    assert result == {"Nodes": None, "NodeNames": ["a"], "FailedNodes": {},
+                      "FailedAndUnresolvableNodes": {"b": "base not Ready"}, "Error": ""}
     full = wire.ExtenderArgs(pod={}, nodes=[vnode("a"), vnode("b")], node_names=None)
     result = wire.filter_result(full, ["a"], {"b": "base not Ready"})
     assert result["NodeNames"] is None
