@@ -162,14 +162,34 @@ class Extender:
                 assert candidates is not None
                 unknown = candidates.difference(view.bases)  # bases may have come or gone meanwhile
                 outcome = run()
-            if outcome.passing:
-                view.begin_inflight(pod, outcome.passing)
+        best = self._best(pod, outcome.passing, bases)
+        if view is not None and self.watches_pods and bases is None and best:
+            view.begin_inflight(pod, best)
         for kind, count in outcome.kinds.items():
             REJECTIONS.labels(kind).inc(count)
         if outcome.failed and log.isEnabledFor(logging.DEBUG):
             log.debug("pod %s: %d of %d nodes rejected: %s", pod.key, len(outcome.failed), len(names),
                       policy.fit_error_message(len(names), outcome.failed))
-        return wire.filter_result(args, outcome.passing, outcome.failed)
+        return wire.filter_result(args, best, outcome.failed)
+
+    def _best(self, pod: ModulePod, passing: list[str], bases: dict[str, BaseInfo] | None) -> list[str]:
+        """The passing bases the strategy ranks first (`policy.best_bases`): all the filter passes."""
+        if len(passing) <= 1:
+            return passing
+        return policy.best_bases(pod, passing, *self._ranking(pod, bases))
+
+    def _ranking(self, pod: ModulePod, bases: dict[str, BaseInfo] | None) -> tuple[
+            Callable[[str], BaseInfo | None], Callable[[str], BaseUsage | None], Strategy, set[str] | None]:
+        """What ranking bases reads: the bases, their usage, the strategy, and the bases holding the
+        Pod's bizNames when the view has them indexed."""
+        if bases is not None:
+            base_of: Callable[[str], BaseInfo | None] = bases.get
+        elif self.view is not None:
+            base_of = self.view.bases.get
+        else:
+            base_of = lambda _name: None  # noqa: E731
+        holding = self.view.usage.holding(pod.biz_names) if self.view is not None and self.watches_pods else None
+        return base_of, self._usage_for_request(bases), self.settings.strategy, holding
 
     def _module_pod(self, raw: dict[str, Any]) -> ModulePod:
         """The Pod just filtered is prioritized next: reuse what was read from it then."""
@@ -182,17 +202,10 @@ class Extender:
         return ModulePod.from_pod(raw)
 
     def prioritize(self, args: wire.ExtenderArgs) -> list[dict[str, Any]]:
+        """Not in the shipped registration (the filter passes only the best bases); still answered
+        for a configuration that keeps prioritizeVerb."""
         pod = self._module_pod(args.pod)
-        bases = self._request_bases(args)
-        if bases is not None:
-            base_of: Callable[[str], BaseInfo | None] = bases.get
-        elif self.view is not None:
-            base_of = self.view.bases.get
-        else:
-            base_of = lambda _name: None  # noqa: E731
-        holding = self.view.usage.holding(pod.biz_names) if self.view is not None and self.watches_pods else None
-        scores = policy.prioritize_pod(pod, args.names, base_of, self._usage_for_request(bases), self.settings.strategy,
-                                       holding)
+        scores = policy.prioritize_pod(pod, args.names, *self._ranking(pod, self._request_bases(args)))
         return wire.priority_list(scores)
 
     async def bind(self, args: wire.BindingArgs) -> dict[str, Any]:

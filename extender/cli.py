@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--strategy", choices=STRATEGIES, default="spread",
-        help="prioritize: spread = fewest modules, then most free memory; binpack = the opposite (default spread)",
+        help="which fitting bases the filter passes: spread = fewest modules, then most free memory; binpack = "
+        "the opposite; all of equal ones (default spread)",
     )
     parser.add_argument(
         "--burst-wait", type=float, default=1.0,

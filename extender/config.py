@@ -22,7 +22,6 @@ from koupleless import keys
 MODULE_SCHEDULER_NAME = "koupleless-module-scheduler"
 
 FILTER_VERB = "filter"
-PRIORITIZE_VERB = "prioritize"
 BIND_VERB = "bind"
 
 
@@ -31,7 +30,6 @@ def extender_entry(
     *,
     node_cache_capable: bool = True,
     bind: bool = True,
-    weight: int = 10,
     http_timeout: str = "5s",
     ignorable: bool = False,
     ca_pem: bytes | None = None,
@@ -44,21 +42,18 @@ def extender_entry(
       extender to run with a kubeconfig. False sends full Node objects (no kubeconfig needed).
     - `bind`: the extender binds module Pods itself, so a burst never overbooks a base; needs a
       kubeconfig with `pods/binding` create.
-    - `weight`: our 0..10 score counts weight x 10 against the in-tree plugins' 0..100 each;
-      10 lets spread/binpack decide among bases that all fit.
+    - no `prioritizeVerb`: the filter passes only the bases the strategy (spread/binpack) ranks
+      first, ties kept, so the in-tree scores only choose among equals and each Pod costs one
+      extender call, not two (/prioritize is still served for configurations that register it).
     - `managedResources` with `ignoredByScheduler`: only Pods requesting `koupleless.io/module`
       (module Pods) call the extender, and the in-tree resource fit leaves the count to it.
     - `ignorable: false`: if the extender is down, module Pods wait instead of landing anywhere.
     - https `url_prefix`: give the CA (`ca_pem` or `ca_file`); without one the scheduler would
       silently skip server verification.
     """
-    if weight <= 0:
-        raise ValueError("weight must be > 0 when prioritizeVerb is set (kube-scheduler validation)")
     entry: dict[str, Any] = {
         "urlPrefix": url_prefix.rstrip("/"),
         "filterVerb": FILTER_VERB,
-        "prioritizeVerb": PRIORITIZE_VERB,
-        "weight": weight,
         "nodeCacheCapable": node_cache_capable,
         "httpTimeout": http_timeout,
         "ignorable": ignorable,

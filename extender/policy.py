@@ -288,6 +288,13 @@ def _rank_scores(keyed: list[tuple[tuple[int, int, int], str]]) -> dict[str, int
     return {name: score_of[k] for k, name in keyed}
 
 
+def _holding(pod: ModulePod, names: Iterable[str], usage_of: UsageOf) -> set[str]:
+    """Bases among `names` holding any of the Pod's bizNames (a bizName is a key of `biz_names`
+    only while held), for callers without the view's index."""
+    wanted = frozenset(pod.biz_names)
+    return {name for name in names if (usage := usage_of(name)) is not None and not wanted.isdisjoint(usage.biz_names)}
+
+
 def prioritize_pod(
     pod: ModulePod,
     names: Iterable[str],
@@ -300,7 +307,10 @@ def prioritize_pod(
     it replaces its own workload's previous version in place; within each, spread: fewest modules
     first, then most free memory; binpack: most modules first, then least free memory. Unknown
     bases and non-module Pods score 0. `holding`: the bases holding any of the Pod's bizNames, when
-    the caller has them indexed (else each base's usage is asked)."""
+    the caller has them indexed (else each base's usage is asked).
+
+    The filter passes only the bases this ranks highest (`best_bases`), so a scheduler that still
+    calls prioritize sees them all score 10."""
     names = list(names)
     if not pod.is_module:
         return [(name, 0) for name in names]
@@ -314,10 +324,7 @@ def prioritize_pod(
     # bases the rollout runs as on any cluster, and no base holds two versions of one module (nor
     # two copies' memory) meanwhile. Within each of the two groups the strategy decides.
     if holding is None:
-        wanted = frozenset(pod.biz_names)
-        # A bizName is a key of `biz_names` only while held.
-        holding = {name for name in names
-                   if (usage := usage_of(name)) is not None and not wanted.isdisjoint(usage.biz_names)}
+        holding = _holding(pod, names, usage_of)
     # Integer keys: quantities are exact and can be huge; a float would round or overflow.
     keyed: list[tuple[tuple[int, int, int], str]] = []
     for name in names:
@@ -339,6 +346,50 @@ def prioritize_pod(
             keyed.append(((count_key, 0, -free if spread else free), name))
     scores = _rank_scores(keyed)
     return [(name, scores.get(name, 0)) for name in names]
+
+
+def best_bases(
+    pod: ModulePod,
+    passing: list[str],
+    base_of: Callable[[str], BaseInfo | None],
+    usage_of: UsageOf = _no_usage,
+    strategy: Strategy = "spread",
+    holding: AbstractSet[str] | None = None,
+) -> list[str]:
+    """The bases of `passing` (all known bases that fit) that `prioritize_pod` scores highest, every
+    one of a tie: what the filter passes, so kube-scheduler needs no prioritize call and its own
+    scores only choose among equals. The same order as prioritize's keys, a tier at a time (one
+    pass over the bases rather than a sort): a fresh install before an in-place upgrade, then the
+    module count, then a base stating its memory before one that does not, then its free memory."""
+    if not pod.is_module or len(passing) <= 1:
+        return passing
+    if holding is None:
+        holding = _holding(pod, passing, usage_of)
+    pool = passing
+    if holding:
+        fresh = [name for name in passing if name not in holding]
+        if fresh:
+            pool = fresh
+    usages = list(map(usage_of, pool))
+    counts = [usage.modules if usage is not None else 0 for usage in usages]
+    spread = strategy == "spread"
+    target = min(counts) if spread else max(counts)
+    stated: list[str] = []
+    frees: list[int] = []
+    unstated: list[str] = []
+    for name, usage, count in zip(pool, usages, counts, strict=True):
+        if count != target:
+            continue
+        base = base_of(name)
+        if base is None or base.memory is None:
+            unstated.append(name)
+        else:
+            stated.append(name)
+            frees.append(base.memory - (usage.memory if usage is not None else 0))
+    if not stated:
+        return unstated
+    top = max(frees) if spread else min(frees)
+    return [name for name, free in zip(stated, frees, strict=True) if free == top]
 
 
 def annotated_usage(base: BaseInfo) -> BaseUsage | None:

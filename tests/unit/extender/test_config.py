@@ -33,6 +33,8 @@ def test_entry_only_calls_the_extender_for_module_pods_and_never_skips_it() -> N
     assert entry["ignorable"] is False and entry["nodeCacheCapable"] is True and entry["bindVerb"] == "bind"
     full = extender_entry("http://x", node_cache_capable=False, bind=False)
     assert full["nodeCacheCapable"] is False and "bindVerb" not in full
+    # One call per Pod: the filter passes only the best-ranked bases, so nothing is left to score.
+    assert "prioritizeVerb" not in entry and "weight" not in entry
 
 
 def test_https_entry_needs_a_ca() -> None:
@@ -41,8 +43,6 @@ def test_https_entry_needs_a_ca() -> None:
     entry = extender_entry("https://ext:8888", ca_pem=b"-----BEGIN CERTIFICATE-----\n", server_name="ext")
     assert entry["enableHTTPS"] is True and entry["tlsConfig"]["serverName"] == "ext"
     assert entry["tlsConfig"]["caData"].startswith("LS0t")
-    with pytest.raises(ValueError, match="weight"):
-        extender_entry("http://x", weight=0)
 
 
 def test_module_profile_leaves_node_selection_to_the_extender() -> None:

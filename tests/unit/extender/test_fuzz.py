@@ -1,5 +1,5 @@
 """Thousands of random ExtenderArgs thrown at /filter, /prioritize and /bind: never a 5xx, never an
-internal error, every candidate Node accounted for, and the server answers a good request after."""
+internal error, every candidate Node explained when none passes, and the server answers a good request after."""
 
 from __future__ import annotations
 
@@ -169,7 +169,10 @@ def test_random_filter_requests_get_well_formed_answers(post: Any, doc: Any) -> 
         passing = [n["metadata"]["name"] for n in out["Nodes"]["items"]]
     failed = out["FailedAndUnresolvableNodes"]
     assert set(passing).isdisjoint(failed)
-    assert set(passing) | set(failed) == set(sent), "every candidate passes or has a reason"
+    assert set(passing) | set(failed) <= set(sent)
+    # A base that fits but ranks below the passing ones is neither: it is simply not offered.
+    if not passing:
+        assert set(failed) == set(sent), "when nothing passes, every candidate has a reason"
     assert all(isinstance(r, str) and 0 < len(r) <= 200 for r in failed.values())
     if "virtual-node-full" in passing and out["Nodes"] is None:
         pod = ModulePod.from_pod({k.lower(): v for k, v in doc.items()}["pod"])

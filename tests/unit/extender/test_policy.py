@@ -421,6 +421,53 @@ def test_in_place_upgrades_get_the_same_answer_from_the_indexed_and_the_per_node
     assert_indexed_answers_like_per_node(ModulePod.from_pod(raw_pod), names, view)
 
 
+def assert_best_is_what_prioritize_scores_highest(pod: ModulePod, names: list[str], view: ClusterView) -> None:
+    passing = policy.filter_pod(pod, [(n, view.bases.get(n)) for n in names], view.usage_of).passing
+    for strategy in policy.STRATEGIES:
+        best = policy.best_bases(pod, passing, view.bases.get, view.usage_of, strategy)
+        indexed = policy.best_bases(pod, passing, view.bases.get, view.usage_of, strategy,
+                                    view.usage.holding(pod.biz_names))
+        assert best == indexed
+        assert set(best) <= set(passing) and bool(best) == bool(passing)
+        if len(passing) > 1:
+            scores = dict(policy.prioritize_pod(pod, passing, view.bases.get, view.usage_of, strategy))
+            top = max(scores.values())
+            assert sorted(best) == sorted(n for n, s in scores.items() if s == top), strategy
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=clusters())
+def test_the_filter_passes_exactly_the_bases_prioritize_scores_highest(case: tuple[ClusterView, dict, list[str]]) -> None:
+    view, raw_pod, names = case
+    assert_best_is_what_prioritize_scores_highest(ModulePod.from_pod(raw_pod), names, view)
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=rollouts())
+def test_mid_rollout_the_filter_passes_exactly_the_bases_prioritize_scores_highest(
+    case: tuple[ClusterView, dict, list[str]]
+) -> None:
+    view, raw_pod, names = case
+    assert_best_is_what_prioritize_scores_highest(ModulePod.from_pod(raw_pod), names, view)
+
+
+def test_best_bases_keeps_ties_and_puts_in_place_upgrades_last() -> None:
+    nodes, bound = three_full_bases_running_the_seed(max_modules=5)
+    nodes += [vnode("virtual-node-spare", max_modules=5), vnode("virtual-node-spare-2", max_modules=5)]
+    view = ClusterView()
+    for node in nodes:
+        view.upsert_node(node)
+    for raw in bound:
+        view.observe_pod(raw)
+    surge = ModulePod.from_pod(replica("new-0", "test-module-deployment", "5d8f7c9b4", NEW))
+    passing = [n["metadata"]["name"] for n in nodes]
+    for strategy in policy.STRATEGIES:
+        assert sorted(policy.best_bases(surge, passing, view.bases.get, view.usage_of, strategy)) == [
+            "virtual-node-spare", "virtual-node-spare-2"]
+    # Only in-place bases left: they are all there is, ranked among themselves.
+    assert sorted(policy.best_bases(surge, passing[:3], view.bases.get, view.usage_of)) == sorted(passing[:3])
+
+
 def test_placement_on_other_labels_takes_the_per_node_path() -> None:
     view = ClusterView()
     pod = ModulePod.from_pod(module_pod("m", extra_expressions=[

@@ -30,9 +30,27 @@ def cluster() -> ClusterView:
 async def test_names_mode_filter_from_the_scheduler() -> None:
     result = await Extender(cluster()).filter(wire.parse_extender_args(recorded("names_filter.json")))
     assert result["Nodes"] is None
-    assert sorted(result["NodeNames"]) == ["virtual-node-base-a", "virtual-node-base-b"]
+    assert sorted(result["NodeNames"]) == ["virtual-node-base-a", "virtual-node-base-b"]  # equal: both go
     assert result["FailedAndUnresolvableNodes"] == {"virtual-node-base-old": "base version not in [1.1.1]"}
     assert result["Error"] == ""
+
+
+async def test_names_mode_filter_passes_only_the_emptier_base() -> None:
+    view = cluster()
+    view.observe_pod(module_pod("other", bizs=("biz9",), node="virtual-node-base-b", phase="Running"))
+    result = await Extender(view).filter(wire.parse_extender_args(recorded("names_filter.json")))
+    assert result["NodeNames"] == ["virtual-node-base-a"]
+
+
+async def test_names_mode_filter_explains_every_base_when_none_fits() -> None:
+    view = cluster()
+    for node in ("virtual-node-base-a", "virtual-node-base-b"):
+        view.observe_pod(module_pod(f"other-{node}", bizs=("biz1",), node=node, phase="Running"))
+    result = await Extender(view).filter(wire.parse_extender_args(recorded("names_filter.json")))
+    assert result["NodeNames"] == []
+    assert result["FailedAndUnresolvableNodes"] == {"virtual-node-base-old": "base version not in [1.1.1]",
+                                                    "virtual-node-base-a": "base already has module biz1",
+                                                    "virtual-node-base-b": "base already has module biz1"}
 
 
 async def test_full_node_mode_filter_from_the_scheduler_needs_no_cache() -> None:
