@@ -487,7 +487,7 @@ def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
                         "list the allowed values, e.g. values: [1.1.1]",
                     )
                 )
-        for key, example in ((keys.LABEL_BASE_NAME, "base"), (keys.LABEL_BASE_VERSION, "1.1.1")):
+        for key, example in _REQUIRED_BASE_KEYS:
             if key not in present:
                 out.append(
                     Problem(
@@ -497,6 +497,10 @@ def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
                     )
                 )
     return out
+
+
+#: What every nodeSelectorTerm must require, with an example value for the fix.
+_REQUIRED_BASE_KEYS = ((keys.LABEL_BASE_NAME, "base"), (keys.LABEL_BASE_VERSION, "1.1.1"))
 
 
 def _term_path(t: int) -> str:

@@ -44,7 +44,8 @@ class BadReview(ValueError):
 @dataclass(slots=True)
 class Review:
     uid: str
-    #: From `read_review`, `object` and `oldObject` are still undecoded (webhook.wire).
+    #: From `read_review`, `object` and `oldObject` are still undecoded (webhook.wire), except the
+    #: `object` of a Pod's CREATE, which may be decoded already as `wire.decode_new_pod` reads it.
     request: Mapping[str, Any]
 
     def object(self) -> Any:
@@ -109,6 +110,16 @@ class Decision:
 
 def read_review(body: bytes) -> Review:
     """An HTTP request body as a Review, or BadReview naming the first field that is wrong."""
+    create = wire.decode_create(body)
+    if create is not None:
+        try:
+            review = parse_review(create)
+        except BadReview:
+            pass  # said again below, from the body read as any review
+        else:
+            request = review.request
+            if request.get("operation") == "CREATE" and not request.get("subResource") and _is_pod(request):
+                return review
     try:
         doc = wire.decode_review(body)
     except wire.DecodeError as exc:
