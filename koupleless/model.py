@@ -22,9 +22,14 @@ JsonDict = dict[str, Any]
 #: A container name is a DNS-1123 label; a bizName must also be one to be a container name.
 _BIZ_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: `<artifact>-<version>-ark-biz.jar`, where the version starts with a digit (Maven convention).
-_ARK_BIZ_JAR = re.compile(r"^(?P<artifact>.+?)-(?P<version>\d[0-9A-Za-z.+_-]*?)-ark-biz\.jar$")
+#: The version is greedy: what follows it is fixed (`-ark-biz.jar` at the end), so it matches what a
+#: lazy one would, without trying the suffix after every character (a new release's first Pod
+#: parses its jar name).
+_ARK_BIZ_JAR = re.compile(r"^(?P<artifact>.+?)-(?P<version>\d[0-9A-Za-z.+_-]*)-ark-biz\.jar$")
 _JAR_URL_SCHEMES = ("http", "https", "file")
 _IGNORED_CONTAINER_FIELDS = ("command", "args", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle")
+#: The same as a set: one C-level test of a container's keys finds the usual container has none.
+_IGNORED_FIELD_SET = frozenset(_IGNORED_CONTAINER_FIELDS)
 
 AFFINITY_PATH = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
 BASE_KEYS = (keys.LABEL_BASE_STACK, keys.LABEL_BASE_NAME, keys.LABEL_BASE_VERSION)
@@ -229,8 +234,12 @@ def _jar_url(url: str) -> tuple[bool, tuple[str, str] | None]:
 #: The usual jar URL, split as `urlsplit` splits it, at a fraction of its cost (each new release
 #: brings new URLs, so the cache above misses on a release's first Pod): a lower-case scheme we
 #: accept, a host without brackets, then path, query, fragment, all ASCII without whitespace
-#: (which urlsplit strips or drops). Anything else takes urlsplit itself.
-_PLAIN_URL = re.compile(r"(https?|file)://([^/?#\[\]\s]*)(/[^?#\s]*)?(?:[?#]\S*)?")
+#: (which urlsplit strips or drops). Anything else takes urlsplit itself. The whitespace is spelled
+#: out, as the ASCII characters `\s` matches: a set of characters is a table lookup, `\s` a call.
+_ASCII_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f "
+_PLAIN_URL = re.compile(
+    rf"(https?|file)://([^/?#\[\]{_ASCII_SPACE}]*)(/[^?#{_ASCII_SPACE}]*)?(?:[?#][^{_ASCII_SPACE}]*)?"
+)
 
 
 def env_value(container: Mapping[str, Any], name: str) -> str | None:
@@ -356,7 +365,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
                 "set image to the ark-biz jar URL, e.g. https://host/biz1-0.0.1-ark-biz.jar",
             )
         )
-    elif not _is_jar_url(image):
+    elif not (parsed := _jar_url(image))[0]:  # one cache look-up for both questions
         out.append(
             Problem(
                 f"{path}.image",
@@ -366,7 +375,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
             )
         )
     else:
-        jar = infer_from_jar(image)
+        jar = parsed[1]
 
     # The BIZ_VERSION value and whether it comes from valueFrom, in one pass over env: this runs
     # on every admission.
@@ -421,6 +430,8 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
                 VERSION_MISMATCH,
             )
         )
+    if _IGNORED_FIELD_SET.isdisjoint(container):
+        return out
     for ignored in _IGNORED_CONTAINER_FIELDS:
         if container.get(ignored):
             out.append(
@@ -476,7 +487,7 @@ def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
                         "list the allowed values, e.g. values: [1.1.1]",
                     )
                 )
-        for key, example in ((keys.LABEL_BASE_NAME, "base"), (keys.LABEL_BASE_VERSION, "1.1.1")):
+        for key, example in _REQUIRED_BASE_KEYS:
             if key not in present:
                 out.append(
                     Problem(
@@ -486,6 +497,10 @@ def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
                     )
                 )
     return out
+
+
+#: What every nodeSelectorTerm must require, with an example value for the fix.
+_REQUIRED_BASE_KEYS = ((keys.LABEL_BASE_NAME, "base"), (keys.LABEL_BASE_VERSION, "1.1.1"))
 
 
 def _term_path(t: int) -> str:
@@ -542,10 +557,6 @@ def _all_non_empty_strings(values: list[Any]) -> bool:
         if not isinstance(v, str) or not v:
             return False
     return True
-
-
-def _is_jar_url(image: str) -> bool:
-    return _jar_url(image)[0]
 
 
 def _dict(value: Any) -> JsonDict:

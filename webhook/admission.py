@@ -7,8 +7,8 @@ server. Reference: k8s-protocols.md §3.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -44,7 +44,8 @@ class BadReview(ValueError):
 @dataclass(slots=True)
 class Review:
     uid: str
-    #: From `read_review`, `object` and `oldObject` are still undecoded (webhook.wire).
+    #: From `read_review`, `object` and `oldObject` are still undecoded (webhook.wire), except the
+    #: `object` of a Pod's CREATE, which may be decoded already as `wire.decode_new_pod` reads it.
     request: Mapping[str, Any]
 
     def object(self) -> Any:
@@ -71,24 +72,54 @@ class Unreadable(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    """Shared between requests (the verdicts of new Pods are kept): never changed once made."""
+    """Shared between requests (the verdicts of new Pods are kept): never changed once made
+    (Final to mypy). A plain class: a frozen dataclass's __init__, which sets each field through
+    object.__setattr__, cost a tenth of judging a new Pod."""
 
-    result: Result
-    ops: list[Op] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    message: str = ""
-    code: int = 200
-    #: `ops` as the response's `patch`, base64 of their JSON, encoded once
-    patch: bytes = field(init=False, repr=False, compare=False)
+    __slots__ = ("code", "message", "ops", "patch", "result", "warnings")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "patch", encode(self.ops) if self.ops else b"")
+    def __init__(
+        self,
+        result: Result,
+        ops: list[Op] | None = None,
+        warnings: list[str] | None = None,
+        message: str = "",
+        code: int = 200,
+    ) -> None:
+        self.result: Final = result
+        self.ops: Final[list[Op]] = ops if ops is not None else []
+        self.warnings: Final[list[str]] = warnings if warnings is not None else []
+        self.message: Final = message
+        self.code: Final = code
+        #: `ops` as the response's `patch`, base64 of their JSON, encoded once
+        self.patch: Final = encode(ops) if ops else b""
+
+    def _fields(self) -> tuple[Result, list[Op], list[str], str, int]:
+        return (self.result, self.ops, self.warnings, self.message, self.code)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # its lists are not hashable either
+
+    def __repr__(self) -> str:
+        result, ops, warnings, message, code = self._fields()
+        return f"Decision({result!r}, ops={ops!r}, warnings={warnings!r}, message={message!r}, code={code!r})"
 
 
 def read_review(body: bytes) -> Review:
     """An HTTP request body as a Review, or BadReview naming the first field that is wrong."""
+    create = wire.decode_create(body)
+    if create is not None:
+        try:
+            review = parse_review(create)
+        except BadReview:
+            pass  # said again below, from the body read as any review
+        else:
+            request = review.request
+            if request.get("operation") == "CREATE" and not request.get("subResource") and _is_pod(request):
+                return review
     try:
         doc = wire.decode_review(body)
     except wire.DecodeError as exc:
@@ -185,10 +216,29 @@ def _decide(review: Review, defaults: Defaults) -> Decision:
     return _decide_update(pod, review.field("oldObject"))
 
 
-_VERDICTS: dict[tuple[bytes, Defaults, bool], Decision] = {}
-#: Keys of specs judged once and not yet kept: a verdict is kept from its spec's second sighting on.
-#: Bytes and a shared Defaults, nothing the garbage collector walks, unlike a kept verdict's ops.
-_SEEN_ONCE: set[tuple[bytes, Defaults, bool]] = set()
+class KeptVerdicts:
+    """Verdicts of new Pods by spec (and DaemonSet ownership), for one Defaults at a time: a
+    process has one, and a key of bytes alone is hashed once (bytes keep their hash), where a
+    Defaults in every key was hashed by Python code at each look-up."""
+
+    __slots__ = ("defaults", "kept", "seen_once")
+
+    def __init__(self) -> None:
+        self.defaults: Defaults | None = None
+        self.kept: dict[bytes, Decision] = {}
+        #: Keys of specs judged once and not yet kept: a verdict is kept from its spec's second
+        #: sighting on. Bytes, nothing the garbage collector walks, unlike a kept verdict's ops.
+        self.seen_once: set[bytes] = set()
+
+    def use(self, defaults: Defaults) -> None:
+        """Verdicts made under other defaults do not apply: forget them."""
+        if defaults != self.defaults:
+            self.kept.clear()
+            self.seen_once.clear()
+            self.defaults = defaults
+
+
+_VERDICTS = KeptVerdicts()
 
 
 @dataclass(slots=True)
@@ -211,30 +261,35 @@ def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
     daemonset_owned = model.owned_by_daemonset(pod)
     if not isinstance(spec, dict):
         return _judge_new_pod(pod, defaults, daemonset_owned)
-    key = (_JSON.encode(spec), defaults, daemonset_owned)  # Raw parts are copied as they arrived
-    verdict = _VERDICTS.get(key)
+    cache = _VERDICTS
+    if defaults is not cache.defaults:
+        cache.use(defaults)
+    key = _JSON.encode((daemonset_owned, spec))  # Raw parts are copied as they arrived
+    verdict = cache.kept.get(key)
     if verdict is not None:
         VERDICT_COUNTS.reused += 1
     else:
         VERDICT_COUNTS.judged += 1
+        Raw = wire.Raw
         try:
-            decoded = {k: wire.decode(v) for k, v in spec.items()}
+            decoded = {k: wire.decode(v) if isinstance(v, Raw) else v for k, v in spec.items()}
         except wire.DecodeError as exc:
             raise Unreadable("request.object", str(exc)) from None
         verdict = _judge_new_pod({"spec": decoded}, defaults, daemonset_owned)
-        if len(key[0]) <= CACHED_SPEC_BYTES:
+        if len(key) <= CACHED_SPEC_BYTES:
             # Kept once the spec comes back: every replica after a release's second reuses it, and
             # a stream of one-off specs does not churn the cache (and the collector) with verdicts
             # nobody asks for again.
-            if key in _SEEN_ONCE:
-                _SEEN_ONCE.discard(key)
-                if len(_VERDICTS) >= CACHED_SPECS:
-                    _VERDICTS.clear()  # simpler than LRU order, and as good: releases come in bursts
-                _VERDICTS[key] = verdict
+            seen_once = cache.seen_once
+            if key in seen_once:
+                seen_once.discard(key)
+                if len(cache.kept) >= CACHED_SPECS:
+                    cache.kept.clear()  # simpler than LRU order, and as good: releases come in bursts
+                cache.kept[key] = verdict
             else:
-                if len(_SEEN_ONCE) >= CACHED_SPECS:
-                    _SEEN_ONCE.clear()
-                _SEEN_ONCE.add(key)
+                if len(seen_once) >= CACHED_SPECS:
+                    seen_once.clear()
+                seen_once.add(key)
     return verdict
 
 

@@ -26,6 +26,8 @@ _AMOUNT_TYPES = (str, int)
 #: shortened: any other toleration on these taints was written by someone on purpose (a DaemonSet's
 #: tolerate-forever ones included).
 _NOT_READY, _UNREACHABLE = keys.TAINT_NOT_READY, keys.TAINT_UNREACHABLE
+_VIRTUAL_NODE, _VIRTUAL_NODE_VALUE, _NODE_ENV = keys.TAINT_VIRTUAL_NODE, keys.TAINT_VIRTUAL_NODE_VALUE, keys.TAINT_NODE_ENV
+_STACK_KEY = keys.LABEL_BASE_STACK
 #: What kube-apiserver's defaulting writes into a Pod that names no scheduler; both it and an
 #: absent name mean "the user did not choose one".
 DEFAULT_SCHEDULER_NAME = "default-scheduler"
@@ -237,13 +239,15 @@ def _module_resource_ops(ops: list[Op], i: int, container: Mapping[str, Any]) ->
 
 
 def _stack_ops(ops: list[Op], spec: Mapping[str, Any]) -> None:
+    # _AFFINITY's steps below spec, written out: this runs on every new Pod.
     required = spec.get("affinity")
-    for step in _AFFINITY[2:]:
-        required = required.get(step) if isinstance(required, dict) else None
+    if isinstance(required, dict):
+        required = required.get("nodeAffinity")
+    if isinstance(required, dict):
+        required = required.get("requiredDuringSchedulingIgnoredDuringExecution")
     terms = required.get("nodeSelectorTerms") if isinstance(required, dict) else None
     if not isinstance(terms, list):
         return
-    stack_key = keys.LABEL_BASE_STACK
     for t, term in enumerate(terms):
         if not isinstance(term, dict):
             continue
@@ -252,7 +256,7 @@ def _stack_ops(ops: list[Op], spec: Mapping[str, Any]) -> None:
             ops.append(add(f"{_TERMS_PATH}/{t}/matchExpressions", [_stack_expression()]))
             continue
         for e in exprs:
-            if isinstance(e, dict) and e.get("key") == stack_key:
+            if isinstance(e, dict) and e.get("key") == _STACK_KEY:
                 break
         else:
             ops.append(add(f"{_TERMS_PATH}/{t}/matchExpressions/-", _stack_expression()))
@@ -279,12 +283,10 @@ def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults, *, eviction: bo
             continue
         key = tol.get("key")
         if not key:  # a wildcard may tolerate any of them
-            vnode = vnode or tolerates(
-                tol, keys.TAINT_VIRTUAL_NODE, keys.TAINT_VIRTUAL_NODE_VALUE, _NO_EXECUTE
-            )
-            env = env or tolerates(tol, keys.TAINT_NODE_ENV, defaults.env, _NO_EXECUTE)
-            not_ready = not_ready or tolerates(tol, keys.TAINT_NOT_READY, "", _NO_EXECUTE)
-            unreachable = unreachable or tolerates(tol, keys.TAINT_UNREACHABLE, "", _NO_EXECUTE)
+            vnode = vnode or tolerates(tol, _VIRTUAL_NODE, _VIRTUAL_NODE_VALUE, _NO_EXECUTE)
+            env = env or tolerates(tol, _NODE_ENV, defaults.env, _NO_EXECUTE)
+            not_ready = not_ready or tolerates(tol, _NOT_READY, "", _NO_EXECUTE)
+            unreachable = unreachable or tolerates(tol, _UNREACHABLE, "", _NO_EXECUTE)
         elif key == _NOT_READY or key == _UNREACHABLE:
             if (
                 shorten
@@ -292,7 +294,8 @@ def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults, *, eviction: bo
                 and tol.get("effect") == _NO_EXECUTE
                 and tol.get("tolerationSeconds") == apiserver_seconds
             ):
-                tolerations[n] = eviction_toleration(key, seconds)
+                # eviction_toleration's, written out: most new Pods have both shortened
+                tolerations[n] = {"key": key, "operator": "Exists", "effect": _NO_EXECUTE, "tolerationSeconds": seconds}
                 replaced = True
                 tolerated = True  # the replacement is an Exists toleration of this very taint
             elif key == _NOT_READY:
@@ -303,15 +306,15 @@ def _toleration_ops(spec: Mapping[str, Any], defaults: Defaults, *, eviction: bo
                 not_ready = not_ready or tolerated
             else:
                 unreachable = unreachable or tolerated
-        elif key == keys.TAINT_VIRTUAL_NODE:
-            vnode = vnode or tolerates(tol, key, keys.TAINT_VIRTUAL_NODE_VALUE, _NO_EXECUTE)
-        elif key == keys.TAINT_NODE_ENV:
+        elif key == _VIRTUAL_NODE:
+            vnode = vnode or tolerates(tol, key, _VIRTUAL_NODE_VALUE, _NO_EXECUTE)
+        elif key == _NODE_ENV:
             env = True  # the Pod picked its env itself
     missing: list[dict[str, Any]] = []
     if not vnode:
-        missing.append(dict(keys.vnode_toleration()))
+        missing.append(keys.vnode_toleration())
     if defaults.env_taint and not env:
-        missing.append(dict(keys.env_toleration(defaults.env)))
+        missing.append(keys.env_toleration(defaults.env))
     if eviction and not not_ready:
         missing.append(eviction_toleration(keys.TAINT_NOT_READY, seconds))
     if eviction and not unreachable:

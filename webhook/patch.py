@@ -6,10 +6,10 @@ the defaults know exactly what they change, so they emit the operations directly
 
 from __future__ import annotations
 
-import binascii
 from typing import Any
 
 import msgspec
+import pybase64
 
 Op = dict[str, Any]
 
@@ -33,8 +33,9 @@ def replace(path: str, value: Any) -> Op:
 
 def encode(ops: list[Op]) -> bytes:
     """The `patch` field of an AdmissionResponse: base64 of the JSON array. msgspec, as in
-    webhook.wire: any number it decoded can be written back."""
-    return binascii.b2a_base64(_JSON.encode(ops), newline=False)
+    webhook.wire: any number it decoded can be written back. pybase64 (SIMD) rather than
+    binascii, whose byte-at-a-time loop was a tenth of judging a new Pod."""
+    return pybase64.b64encode(_JSON.encode(ops))
 
 
 _JSON = msgspec.json.Encoder()

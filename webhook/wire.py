@@ -23,7 +23,7 @@ Raw = msgspec.Raw
 DecodeError = msgspec.DecodeError
 
 
-class Request(TypedDict, total=False):
+class _RequestHead(TypedDict, total=False):
     uid: Any
     kind: Any
     resource: Any
@@ -31,9 +31,12 @@ class Request(TypedDict, total=False):
     operation: Any
     namespace: Any
     name: Any
+    oldObject: msgspec.Raw
+
+
+class Request(_RequestHead, total=False):
     #: Decoded when needed: a Pod at CREATE by `decode_new_pod`, anything else in full.
     object: msgspec.Raw
-    oldObject: msgspec.Raw
 
 
 class Envelope(TypedDict, total=False):
@@ -86,8 +89,21 @@ class NewPod(TypedDict, total=False):
     spec: PodSpec
 
 
+class CreateRequest(_RequestHead, total=False):
+    object: NewPod
+
+
+class CreateEnvelope(TypedDict, total=False):
+    apiVersion: Any
+    kind: Any
+    request: CreateRequest
+
+
 _ENVELOPE = msgspec.json.Decoder(Envelope)
+_CREATE_ENVELOPE = msgspec.json.Decoder(CreateEnvelope)
 _NEW_POD = msgspec.json.Decoder(NewPod)
+#: What kube-apiserver writes into every CREATE review (Go's encoding/json puts no spaces).
+_CREATE = b'"operation":"CREATE"'
 #: Without a schema. msgspec rather than orjson throughout, so that what one accepts (integers
 #: beyond 64 bits, say) the other cannot refuse halfway through a request.
 _ANY = msgspec.json.Decoder()
@@ -105,6 +121,20 @@ def decode_review(body: bytes) -> Any:
             return _ANY.decode(body)  # not an AdmissionReview: the caller names the field
     except RecursionError:
         raise msgspec.DecodeError("nested too deeply") from None
+
+
+def decode_create(body: bytes) -> Any | None:
+    """A body that reads like a CREATE decoded in one pass, with `request.object` read by
+    `decode_new_pod`'s schema, or None when it does not (not by its bytes, or not of that shape).
+    Most reviews are a new Pod's, and `decode_review` then `decode_new_pod` skips its object twice,
+    which was the costliest part of reading it. The caller checks that the review is a Pod's CREATE
+    (of any other object this reads too little), and else reads the body with `decode_review`."""
+    if _CREATE not in body:
+        return None
+    try:
+        return _CREATE_ENVELOPE.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # decode_review says what is wrong
+        return None
 
 
 def decode_new_pod(raw: msgspec.Raw) -> Any:
