@@ -33,6 +33,7 @@ _IGNORED_FIELD_SET = frozenset(_IGNORED_CONTAINER_FIELDS)
 
 AFFINITY_PATH = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
 BASE_KEYS = (keys.LABEL_BASE_STACK, keys.LABEL_BASE_NAME, keys.LABEL_BASE_VERSION)
+_BASE_STACK, _BASE_NAME, _BASE_VERSION = BASE_KEYS
 #: Problem.code of the soft problems a workload's admission words for its own command line.
 VERSION_MISMATCH = "version-mismatch"
 NAME_MISMATCH = "name-mismatch"
@@ -328,18 +329,18 @@ def warnings(problems: Iterable[Problem]) -> list[Problem]:
 
 
 def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Problem]:
-    path = f"spec.containers[{i}]"
+    # The path is written out in each problem, not built first: most containers have none.
     if not isinstance(container, dict):
-        return [Problem(path, "is not an object", "write a container with name, image and env BIZ_VERSION")]
+        return [Problem(f"spec.containers[{i}]", "is not an object", "write a container with name, image and env BIZ_VERSION")]
     out: list[Problem] = []
     name = container.get("name")
     image = container.get("image")
     if not isinstance(name, str) or not name:
-        out.append(Problem(f"{path}.name", "bizName is required", "set the module's bizName, e.g. biz1"))
+        out.append(Problem(f"spec.containers[{i}].name", "bizName is required", "set the module's bizName, e.g. biz1"))
     elif not _BIZ_NAME.match(name) or len(name) > 63:
         out.append(
             Problem(
-                f"{path}.name",
+                f"spec.containers[{i}].name",
                 f"{name!r} is not a valid bizName",
                 "use the module's artifactId in lower case: letters, digits and '-', at most 63 "
                 "characters, starting and ending with a letter or digit, e.g. biz1",
@@ -348,7 +349,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     elif name in seen:
         out.append(
             Problem(
-                f"{path}.name",
+                f"spec.containers[{i}].name",
                 f"bizName {name!r} is also spec.containers[{seen[name]}]",
                 "a base holds one version of a module at a time: give each container its own module",
             )
@@ -360,7 +361,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     if not isinstance(image, str) or not image:
         out.append(
             Problem(
-                f"{path}.image",
+                f"spec.containers[{i}].image",
                 "the module jar URL is required",
                 "set image to the ark-biz jar URL, e.g. https://host/biz1-0.0.1-ark-biz.jar",
             )
@@ -368,7 +369,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     elif not (parsed := _jar_url(image))[0]:  # one cache look-up for both questions
         out.append(
             Problem(
-                f"{path}.image",
+                f"spec.containers[{i}].image",
                 f"{image!r} is not an http(s) or file URL of a .jar",
                 "set image to the module's ark-biz jar URL, e.g. "
                 "https://host/biz1-0.0.1-SNAPSHOT-ark-biz.jar or file:///opt/modules/biz1.jar",
@@ -395,7 +396,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
         if value_from:
             out.append(
                 Problem(
-                    f"{path}.env",
+                    f"spec.containers[{i}].env",
                     "BIZ_VERSION comes from valueFrom, which a base cannot resolve",
                     "write BIZ_VERSION as a literal value, the module version declared in pom.xml, "
                     "e.g. 0.0.1-SNAPSHOT",
@@ -404,7 +405,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
         elif jar is None:
             out.append(
                 Problem(
-                    f"{path}.env",
+                    f"spec.containers[{i}].env",
                     "BIZ_VERSION is required",
                     "the module version declared in pom.xml, e.g. 0.0.1-SNAPSHOT "
                     "(or name the jar <artifact>-<version>-ark-biz.jar so it can be inferred)",
@@ -413,7 +414,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     if jar and isinstance(name, str) and name and jar[0] != name:
         out.append(
             Problem(
-                f"{path}.name",
+                f"spec.containers[{i}].name",
                 f"bizName {name!r} differs from the jar's artifact name {jar[0]!r}",
                 "make sure it matches the bizName declared in the module's pom.xml",
                 "warning",
@@ -423,7 +424,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     if jar and version and jar[1] != version:
         out.append(
             Problem(
-                f"{path}.env",
+                f"spec.containers[{i}].env",
                 f"BIZ_VERSION {version!r} differs from the version in the jar name {jar[1]!r}",
                 "make sure it matches the version declared in the module's pom.xml",
                 "warning",
@@ -436,7 +437,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
         if container.get(ignored):
             out.append(
                 Problem(
-                    f"{path}.{ignored}",
+                    f"spec.containers[{i}].{ignored}",
                     f"{ignored} is ignored: a base runs the module inside its own JVM",
                     f"remove {ignored}",
                     "warning",
@@ -458,15 +459,18 @@ def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
         ]
     out: list[Problem] = []
     for t, term in enumerate(terms):
-        present: set[str] = set()
+        has_name = has_version = False
         exprs = term.get("matchExpressions") if isinstance(term, dict) else None
         for e, expr in enumerate(exprs if isinstance(exprs, list) else ()):
             if not isinstance(expr, dict):
                 continue
             key = expr.get("key")
-            if key not in BASE_KEYS:
+            if key == _BASE_NAME:
+                has_name = True
+            elif key == _BASE_VERSION:
+                has_version = True
+            elif key != _BASE_STACK:
                 continue
-            present.add(key)
             op = expr.get("operator")
             values = expr.get("values")
             if not isinstance(values, list):
@@ -487,20 +491,15 @@ def _affinity_problems(spec: Mapping[str, Any]) -> list[Problem]:
                         "list the allowed values, e.g. values: [1.1.1]",
                     )
                 )
-        for key, example in _REQUIRED_BASE_KEYS:
-            if key not in present:
-                out.append(
-                    Problem(
-                        _term_path(t),
-                        f"no {key} requirement",
-                        f"add {{key: {key}, operator: In, values: [{example}]}}",
-                    )
-                )
+        if not has_name:
+            out.append(_missing_requirement(t, _BASE_NAME, "base"))
+        if not has_version:
+            out.append(_missing_requirement(t, _BASE_VERSION, "1.1.1"))
     return out
 
 
-#: What every nodeSelectorTerm must require, with an example value for the fix.
-_REQUIRED_BASE_KEYS = ((keys.LABEL_BASE_NAME, "base"), (keys.LABEL_BASE_VERSION, "1.1.1"))
+def _missing_requirement(t: int, key: str, example: str) -> Problem:
+    return Problem(_term_path(t), f"no {key} requirement", f"add {{key: {key}, operator: In, values: [{example}]}}")
 
 
 def _term_path(t: int) -> str:

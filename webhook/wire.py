@@ -23,10 +23,22 @@ Raw = msgspec.Raw
 DecodeError = msgspec.DecodeError
 
 
+class GroupKind(TypedDict, total=False):
+    """`request.kind`, of which webhook.admission reads the group and kind (not the version)."""
+
+    group: Any
+    kind: Any
+
+
+class GroupResource(TypedDict, total=False):
+    group: Any
+    resource: Any
+
+
 class _RequestHead(TypedDict, total=False):
     uid: Any
-    kind: Any
-    resource: Any
+    kind: GroupKind
+    resource: GroupResource
     subResource: Any
     operation: Any
     namespace: Any
@@ -75,13 +87,21 @@ class PodSpec(TypedDict, total=False):
     schedulerName: Any
 
 
+class OwnerReference(TypedDict, total=False):
+    """What koupleless.model.owned_by_daemonset reads of one."""
+
+    apiVersion: Any
+    kind: Any
+    controller: Any
+
+
 class Metadata(TypedDict, total=False):
     name: Any
     generateName: Any
     labels: Any
     deletionTimestamp: Any
     #: koupleless.model.owned_by_daemonset; part of a kept verdict's key (webhook.admission).
-    ownerReferences: Any
+    ownerReferences: list[OwnerReference]
 
 
 class NewPod(TypedDict, total=False):
