@@ -220,7 +220,11 @@ def _jar_url(url: str) -> tuple[bool, tuple[str, str] | None]:
     """(is it an http(s) or file URL of a .jar, (artifact, version) from its file name)."""
     plain = _PLAIN_URL.fullmatch(url) if url.isascii() else None
     if plain is not None:
-        scheme, netloc, path = plain[1], plain[2], plain[3] or ""
+        # the file name was matched as _ARK_BIZ_JAR would match it, in the same pass
+        scheme, netloc, path, artifact, version = plain.groups()
+        if artifact is not None:
+            return scheme == "file" or bool(netloc), (artifact, version)
+        path = path or ""
     else:
         try:
             parts = urlsplit(url)
@@ -237,9 +241,14 @@ def _jar_url(url: str) -> tuple[bool, tuple[str, str] | None]:
 #: accept, a host without brackets, then path, query, fragment, all ASCII without whitespace
 #: (which urlsplit strips or drops). Anything else takes urlsplit itself. The whitespace is spelled
 #: out, as the ASCII characters `\s` matches: a set of characters is a table lookup, `\s` a call.
+#: The path's last segment is tried as `<artifact>-<version>-ark-biz.jar` first (_ARK_BIZ_JAR over
+#: the characters such a segment can have), so the usual jar URL takes one match.
 _ASCII_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f "
+_SEGMENT = rf"[^/?#{_ASCII_SPACE}]"
 _PLAIN_URL = re.compile(
-    rf"(https?|file)://([^/?#\[\]{_ASCII_SPACE}]*)(/[^?#{_ASCII_SPACE}]*)?(?:[?#][^{_ASCII_SPACE}]*)?"
+    rf"(https?|file)://([^/?#\[\]{_ASCII_SPACE}]*)"
+    rf"(/(?:[^?#{_ASCII_SPACE}]*/)?(?:(?P<artifact>{_SEGMENT}+?)-(?P<version>\d[0-9A-Za-z.+_-]*)-ark-biz\.jar|{_SEGMENT}*))?"
+    rf"(?:[?#][^{_ASCII_SPACE}]*)?"
 )
 
 

@@ -270,9 +270,12 @@ def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
         VERDICT_COUNTS.reused += 1
     else:
         VERDICT_COUNTS.judged += 1
-        Raw = wire.Raw
+        decoded = dict(spec)
         try:
-            decoded = {k: wire.decode(v) if isinstance(v, Raw) else v for k, v in spec.items()}
+            for name in wire.RAW_SPEC_FIELDS:
+                value = decoded.get(name)
+                if isinstance(value, wire.Raw):
+                    decoded[name] = wire.decode(value)
         except wire.DecodeError as exc:
             raise Unreadable("request.object", str(exc)) from None
         verdict = _judge_new_pod({"spec": decoded}, defaults, daemonset_owned)

@@ -95,6 +95,10 @@ class OwnerReference(TypedDict, total=False):
     controller: Any
 
 
+#: The fields of PodSpec left as Raw.
+RAW_SPEC_FIELDS = ("affinity", "tolerations")
+
+
 class Metadata(TypedDict, total=False):
     name: Any
     generateName: Any
