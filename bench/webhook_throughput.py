@@ -10,8 +10,9 @@ just before), and p99 at a fixed 500 requests/s (open loop: latency from the sch
 
     python bench/webhook_throughput.py [--duration 3] [--rounds 5] [--connections 32] [--rate 500]
 
-Load comes from `wrk` when it is installed (apt-get install wrk), else from an aiohttp client in
-this process, which then shares the CPU with the servers (the generator used is printed).
+Load comes from `wrk` when it is installed (`apt-get install -y wrk`), else from an aiohttp client
+in this process, which then shares the CPU with the servers and sends only the same-body run (the
+generator used is printed): the distinct-bodies run and its target need wrk.
 Everything binds 127.0.0.1, runs for a bounded time and stops by itself.
 """
 
