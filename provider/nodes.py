@@ -58,11 +58,11 @@ class NodeReconciler:
         self.opts = opts
         self.on_owned = on_owned
         self.queue = WorkQueue("nodes", self.sync, workers=opts.workers)
+        #: Nodes this replica created that its informer has not delivered yet (see sync).
+        self._created: dict[str, dict[str, Any]] = {}
         # Expiry by observed silence (client-go's way), so replicas' clocks need not agree; a Lease
         # whose renewTime is older than its duration plus this skew by our clock is free at once,
         # so a new replica does not wait a whole Lease period for bases nobody holds.
-        #: Nodes this replica created that its informer has not delivered yet (see sync).
-        self._created: dict[str, dict[str, Any]] = {}
         self.leases = LeaseObserver(default_duration=opts.node.lease_duration_s, max_clock_skew=LEASE_MAX_CLOCK_SKEW_S)
 
     # --- what the informer and the bases say ----------------------------------------------------------
