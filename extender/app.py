@@ -89,12 +89,17 @@ class Extender:
         binder: Binder | None = None,
         settings: Settings | None = None,
         watches_pods: bool | None = None,
+        reserves: Callable[[], bool] | None = None,
     ) -> None:
+        """`reserves()`: whether this replica is the one kube-scheduler is meant to reach (it leads, or
+        there is no election). Such a replica passes one base per module Pod and counts the Pod there
+        at once; any other passes every best base and promises nothing (see `filter`)."""
         self.view = view
         self.binder = binder
         self.settings = settings or Settings()
         #: Whether `view.usage` reflects bound module Pods (a Pod watch, or bindings we did).
         self.watches_pods = view is not None if watches_pods is None else watches_pods
+        self.reserves = reserves or (lambda: False)
 
     # --- the decisions, over parsed arguments (also what the tests and the bench call) ----------
 
@@ -120,6 +125,13 @@ class Extender:
         return None
 
     async def filter(self, args: wire.ExtenderArgs) -> dict[str, Any]:
+        """The bases that can take the Pod, and why each other one cannot.
+
+        A reserving replica passes the single best base and counts the Pod on it before answering:
+        kube-scheduler can only bind it there, so the next Pod's filter already sees it, and nothing
+        has to wait for a binding (no bindVerb needed). A replica that does not reserve passes every
+        base ranked first and marks the Pod in flight, so a filter that follows waits (briefly) until
+        a binding or the watch says where it went."""
         pod = ModulePod.from_pod(args.pod)
         bases = self._request_bases(args)
         if bases is None:
@@ -131,6 +143,12 @@ class Extender:
         usage_of = self._usage_for_request(bases)
         names = args.names
         view = self.view
+        reserving = bases is None and view is not None and self.watches_pods and self.reserves()
+        if reserving:
+            assert view is not None
+            # A Pod filtered again (its binding failed, or another plugin turned the base down) must
+            # not find its own earlier reservation in the way.
+            view.usage.unassume(pod.key)
 
         candidates = set(names) if bases is None else None
         #: candidates that are not known bases, when the view has been checked (one set difference
@@ -163,7 +181,11 @@ class Extender:
                 unknown = candidates.difference(view.bases)  # bases may have come or gone meanwhile
                 outcome = run()
         best = self._best(pod, outcome.passing, bases)
-        if view is not None and self.watches_pods and bases is None and best:
+        if reserving and best:
+            assert view is not None
+            best = best[:1]
+            view.assume(pod, best[0])
+        elif view is not None and self.watches_pods and bases is None and best:
             view.begin_inflight(pod, best)
         for kind, count in outcome.kinds.items():
             REJECTIONS.labels(kind).inc(count)

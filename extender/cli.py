@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--burst-wait", type=float, default=1.0,
         help="seconds a filter may wait for the binding of a module Pod still in flight before counting "
-        "a base's modules (default 1.0; keep well under the scheduler's httpTimeout)",
+        "a base's modules: at a replica that does not lead (the leader counts each Pod on the base it passes "
+        "at once). Default 1.0; keep well under the scheduler's httpTimeout",
     )
     parser.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,

@@ -29,7 +29,7 @@ def extender_entry(
     url_prefix: str,
     *,
     node_cache_capable: bool = True,
-    bind: bool = True,
+    bind: bool = False,
     http_timeout: str = "5s",
     ignorable: bool = False,
     ca_pem: bytes | None = None,
@@ -40,11 +40,13 @@ def extender_entry(
 
     - `node_cache_capable`: send names only (the extender watches Nodes and Pods itself); needs the
       extender to run with a kubeconfig. False sends full Node objects (no kubeconfig needed).
-    - `bind`: the extender binds module Pods itself, so a burst never overbooks a base; needs a
-      kubeconfig with `pods/binding` create.
-    - no `prioritizeVerb`: the filter passes only the bases the strategy (spread/binpack) ranks
-      first, ties kept, so the in-tree scores only choose among equals and each Pod costs one
-      extender call, not two (/prioritize is still served for configurations that register it).
+    - no `bindVerb` (unless `bind`): the filter passes one base, the one the strategy
+      (spread/binpack) ranks first, and counts the Pod there before it answers, so kube-scheduler
+      binds it itself and the next Pod's filter already sees it (a burst never overbooks a base).
+      `bind=True` registers the extender's /bind as well (a binding it re-checks; needs
+      `pods/binding` create).
+    - no `prioritizeVerb`: with one base passed there is nothing left to score, and each Pod costs
+      one extender call (/prioritize is still served for configurations that register it).
     - `managedResources` with `ignoredByScheduler`: only Pods requesting `koupleless.io/module`
       (module Pods) call the extender, and the in-tree resource fit leaves the count to it.
     - `ignorable: false`: if the extender is down, module Pods wait instead of landing anywhere.

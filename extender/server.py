@@ -66,6 +66,11 @@ class ExtenderServer:
         self._runner: web.AppRunner | None = None
         self._refreeze: asyncio.Task[None] | None = None
 
+    def _reaches_us(self) -> bool:
+        """kube-scheduler is meant to reach this replica: there is no election, or it leads (the
+        Service selects the leader's Pod). A standby that is called anyway reserves nothing."""
+        return self.elector is None or self.elector.is_leader
+
     @property
     def url(self) -> str:
         scheme = "https" if self.ssl_context is not None else "http"
@@ -81,7 +86,7 @@ class ExtenderServer:
             self.cache = WatchCache(self.client, view)
             await self.cache.start()
             binder = KubeBinder(self.client)
-        self.extender = Extender(view, binder=binder, settings=self.settings)
+        self.extender = Extender(view, binder=binder, settings=self.settings, reserves=self._reaches_us)
         if self.election is not None:
             assert self.client is not None
             if self.leader_pod is not None:

@@ -268,3 +268,76 @@ async def test_health_endpoints(make_client: Any) -> None:
     assert (await client.get("/readyz")).status == 503
     view.synced = True
     assert (await client.get("/readyz")).status == 200
+
+
+# --- the leader: one base passed, counted at once (the shipped registration has no bindVerb) -----
+
+def leading(view: ClusterView, **kwargs: Any) -> Extender:
+    return Extender(view, reserves=lambda: True, **kwargs)
+
+
+async def test_a_burst_at_the_leader_never_overbooks_and_never_waits(make_client: Any) -> None:
+    """kube-scheduler filters Pod N+1 before Pod N's binding is visible anywhere: the leader has
+    already counted N on the one base it passed, so N+1 goes elsewhere at once."""
+    both = ["virtual-node-a", "virtual-node-b"]
+    view = synced_view(*(vnode(n, max_modules=1) for n in both))
+    client = await make_client(leading(view, settings=Settings(burst_wait=30)))
+    passed: list[str] = []
+    for i in range(2):
+        _, result = await asyncio.wait_for(
+            post(client, "/filter", {"Pod": module_pod(f"m{i}", bizs=(f"b{i}",)), "NodeNames": both}), 5)
+        (one,) = result["NodeNames"]
+        passed.append(one)
+    assert sorted(passed) == both
+    _, third = await asyncio.wait_for(
+        post(client, "/filter", {"Pod": module_pod("m2", bizs=("b2",)), "NodeNames": both}), 5)
+    assert third["NodeNames"] == []
+    assert third["FailedAndUnresolvableNodes"] == dict.fromkeys(both, "base at module capacity")
+
+
+async def test_the_leader_spreads_replicas_over_equal_bases(make_client: Any) -> None:
+    names = [f"virtual-node-{i}" for i in range(3)]
+    view = synced_view(*(vnode(n, max_modules=10) for n in names))
+    client = await make_client(leading(view))
+    placed = []
+    for i in range(6):
+        _, result = await post(client, "/filter", {"Pod": module_pod(f"m{i}", bizs=(f"b{i}",)), "NodeNames": names})
+        placed.extend(result["NodeNames"])
+    assert len(placed) == 6 and all(placed.count(n) == 2 for n in names)
+
+
+async def test_a_pod_filtered_again_is_not_in_its_own_way(make_client: Any) -> None:
+    """Its binding failed (or it was deleted and recreated under the same name): the retry must not
+    see its earlier count as a full base or as its own module already there."""
+    view = synced_view(vnode("virtual-node-a", max_modules=1))
+    client = await make_client(leading(view))
+    for _ in range(3):
+        _, result = await post(client, "/filter", {"Pod": module_pod("m1"), "NodeNames": ["virtual-node-a"]})
+        assert result["NodeNames"] == ["virtual-node-a"] and result["FailedAndUnresolvableNodes"] == {}
+    usage = view.usage.get("virtual-node-a")
+    assert usage is not None and usage.modules == 1
+
+
+async def test_the_watch_confirms_the_leaders_count_without_doubling_it(make_client: Any) -> None:
+    view = synced_view(vnode("virtual-node-a", max_modules=2))
+    client = await make_client(leading(view))
+    await post(client, "/filter", {"Pod": module_pod("m1"), "NodeNames": ["virtual-node-a"]})
+    view.observe_pod(module_pod("m1", node="virtual-node-a", phase="Pending"))
+    usage = view.usage.get("virtual-node-a")
+    assert usage is not None and usage.modules == 1
+    placed = view.usage.placed("default/m1")
+    assert placed is not None and placed.assumed_at is None  # confirmed: no longer subject to the TTL
+    view.forget_pod(module_pod("m1", node="virtual-node-a"))
+    assert view.usage.get("virtual-node-a") is None
+
+
+async def test_a_leader_that_is_also_given_bind_checks_and_binds(make_client: Any) -> None:
+    """A configuration that keeps bindVerb: the bind finds the Pod counted where it was passed."""
+    view = synced_view(vnode("virtual-node-a", max_modules=1))
+    binder = FakeBinder()
+    binder.pods["default/m1"] = module_pod("m1")
+    client = await make_client(leading(view, binder=binder))
+    await post(client, "/filter", {"Pod": module_pod("m1"), "NodeNames": ["virtual-node-a"]})
+    _, bound = await post(client, "/bind", {"PodName": "m1", "PodNamespace": "default", "PodUID": "u",
+                                            "Node": "virtual-node-a"})
+    assert bound == {"Error": ""} and binder.bound == [("default/m1", "virtual-node-a")]

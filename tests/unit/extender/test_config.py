@@ -30,11 +30,13 @@ def test_entry_only_calls_the_extender_for_module_pods_and_never_skips_it() -> N
     entry = extender_entry("http://127.0.0.1:8888/")
     assert entry["urlPrefix"] == "http://127.0.0.1:8888"
     assert entry["managedResources"] == [{"name": keys.RESOURCE_MODULE, "ignoredByScheduler": True}]
-    assert entry["ignorable"] is False and entry["nodeCacheCapable"] is True and entry["bindVerb"] == "bind"
-    full = extender_entry("http://x", node_cache_capable=False, bind=False)
+    assert entry["ignorable"] is False and entry["nodeCacheCapable"] is True
+    full = extender_entry("http://x", node_cache_capable=False)
     assert full["nodeCacheCapable"] is False and "bindVerb" not in full
-    # One call per Pod: the filter passes only the best-ranked bases, so nothing is left to score.
-    assert "prioritizeVerb" not in entry and "weight" not in entry
+    # One call per Pod: the filter passes one base, counted there, so there is nothing left to score
+    # and kube-scheduler binds it itself.
+    assert "prioritizeVerb" not in entry and "weight" not in entry and "bindVerb" not in entry
+    assert extender_entry("http://x", bind=True)["bindVerb"] == "bind"
 
 
 def test_https_entry_needs_a_ca() -> None:
