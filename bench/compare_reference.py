@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.provider_scale import (
     _http_ok,
+    cpu_by_process,
     end_phase,
     proc_stats,
     provider_command,
@@ -164,6 +165,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag, kind, default, what in numbers:
         parser.add_argument(flag, type=kind, default=kind(default), help=f"{what} (default {default:g})")
     parser.add_argument("--workdir", default="/tmp/koupleless-bench-compare", help="logs of every round go here")
+    parser.add_argument("--registration-only", action="store_true",
+                        help="measure only the two registrations (3 and --many-bases bases), each with the CPU "
+                             "seconds of every process and the API writes made meanwhile; no RSS window")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: give at least 1")
@@ -219,6 +223,10 @@ class Ours:
     def node_name(self, base_id: str) -> str:
         return keys.vnode_name(base_id)
 
+    def helper_pids(self) -> dict[str, int]:
+        """The webhook and the extender: ours runs with both, and their watches share the cores."""
+        return {name: p.pid for name, p in self.stack.components.items() if p.pid is not None}
+
     def deployment(self, ns: str) -> dict[str, Any]:
         return seed_deployment(ns)
 
@@ -255,6 +263,9 @@ class Reference:
     def node_name(self, base_id: str) -> str:
         return f"vnode.{base_id}.{self.env}"  # virtual-kubelet's FormatNodeName
 
+    def helper_pids(self) -> dict[str, int]:
+        return {}
+
     def deployment(self, ns: str) -> dict[str, Any]:
         return reference_deployment(ns, self.env)
 
@@ -276,6 +287,42 @@ class Reference:
         return None
 
 
+def registration_cpu(cp: ControlPlane, ctl: Ours | Reference) -> dict[str, float]:
+    """CPU seconds so far of every process on the machine that takes part: the control plane, the
+    controller ("provider"), our webhook and extender, and this process (the simulated bases)."""
+    cpu = cpu_by_process(cp, ctl.process.pid or 0)
+    cpu["controller"] = cpu.pop("provider", 0.0)
+    for name, pid in ctl.helper_pids().items():
+        with contextlib.suppress(OSError, IndexError, KeyError):
+            cpu[name] = proc_stats(pid)[2]
+    return cpu
+
+
+def api_requests(cp: ControlPlane) -> dict[str, float]:
+    """kube-apiserver's own count of write requests so far, by `VERB resource[/subresource]`."""
+    counts: dict[str, float] = {}
+    for line in cp.kubectl("get", "--raw", "/metrics").stdout.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.rindex("}")].split(","))
+        verb = labels.get("verb", "").strip('"')
+        if verb in ("GET", "LIST", "WATCH", "WATCHLIST", "CONNECT"):
+            continue
+        what = labels.get("resource", "").strip('"') + ("/" + labels["subresource"].strip('"')
+                                                         if labels.get("subresource", '""') != '""' else "")
+        key = f"{verb} {what}"
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def where_time_went(cpu: dict[str, float], before: dict[str, float], after: dict[str, float]) -> str:
+    """CPU seconds by process and the API writes made meanwhile (by anyone), busiest first."""
+    writes = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+    return ("CPU s " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+            + f" (total {sum(cpu.values()):.2f} on {os.cpu_count()} CPUs); API writes "
+            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(writes.items(), key=lambda kv: -kv[1])))
+
+
 def exited(proc: ManagedProcess) -> str:
     """Why a controller stopped, as its log says (a Go panic's first line, else the last line)."""
     lines = log_tail(proc.log_path, 200).splitlines()
@@ -287,6 +334,8 @@ def busy_ports(ports: Sequence[int]) -> list[int]:
     taken = []
     for port in ports:
         with socket.socket() as s:
+            # As Go's net.Listen does: connections of a previous run still in TIME_WAIT do not count.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("0.0.0.0", port))
             except OSError:
@@ -328,14 +377,25 @@ async def one_round(args: argparse.Namespace, cp: ControlPlane, broker: Broker, 
             fleet = BaseSimulator(BrokerOptions(broker.host, broker.port), env=env, count=count, id_prefix=prefix)
             fleets.append(fleet)
             names = {ctl.node_name(b) for b in fleet.bases}
+            requests_before = await asyncio.to_thread(api_requests, cp)
+            cpu_before = registration_cpu(cp, ctl)
             t0 = time.monotonic()
             await fleet.start()
             await timed(lambda: sum(ready(n) for n in nodes.list() if n["metadata"]["name"] in names) >= count,
                         f"{count} Ready Nodes")
             got[key] = time.monotonic() - t0
+            if key == "bases_many":
+                cpu = {k: v - cpu_before.get(k, 0.0) for k, v in registration_cpu(cp, ctl).items()}
+                requests = await asyncio.to_thread(api_requests, cp)
+                print(f"    {ctl.who} registering {count} bases: " + where_time_went(cpu, requests_before, requests),
+                      flush=True)
             return fleet
 
         fleet = await register(3, f"{tag}-b", "bases3")
+        if args.registration_only:
+            await fleet.stop(graceful=False)
+            await register(args.many_bases, f"{tag}-m", "bases_many")
+            return got
         await client.create(dep_path, ctl.deployment(ns))
         got["release"] = await timed(lambda: len(live()) >= 1, "the released module Running+Ready")
         await client.patch(f"{dep_path}/{SAMPLE_NAME}", {"spec": {"replicas": 2}})

@@ -260,8 +260,17 @@ class Provider:
         if model is not None:
             self.pod_reconciler.on_call_failed(base, command, model.key, why)
 
-    def _on_owned(self, base: BaseState) -> None:
+    def _on_owned(self, base: BaseState, new: bool) -> None:
+        """This replica now holds the base's Lease. `new`: a base seen for the first time, whose
+        modules and health `base_discovered` asked for a moment ago: an inventory that came before
+        the Lease is swept now, a later one as it comes (asking again only doubled every new base's
+        messages). A base taken over from another replica, or adopted after a restart, is asked
+        afresh."""
         self.pod_reconciler.enqueue_node(base.node_name)
+        if new:
+            if base.inventory_known:
+                self.pod_reconciler.sweep(base)
+            return
         self.commands.request_inventory(base, force=True)
         self.commands.request_health(base)
 

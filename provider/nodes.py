@@ -51,7 +51,7 @@ class NodeReconcilerOptions:
 
 class NodeReconciler:
     def __init__(self, kube: KubeClient, registry: BaseRegistry, nodes: Informer, opts: NodeReconcilerOptions,
-                 on_owned: Callable[[BaseState], None]) -> None:
+                 on_owned: Callable[[BaseState, bool], None]) -> None:
         self.kube = kube
         self.registry = registry
         self.nodes = nodes
@@ -145,7 +145,7 @@ class NodeReconciler:
             retry = await self._acquire_lease(base, new=new)
             if retry is not None:
                 return retry
-            self.on_owned(base)
+            self.on_owned(base, new)
         elif now - base.lease_renewed_at >= self.opts.lease_renew_interval * 0.85:
             if not await self._renew_lease(base):
                 return 0.05  # lost it: look at who holds it now

@@ -132,3 +132,65 @@ def test_node_workers_flag_sizes_the_node_queue_apart_from_pod_syncs() -> None:
     assert provider.node_reconciler.queue._workers == 128 and opts.workers == 4
     with pytest.raises(ValueError, match="--node-workers 0: at least 1"):
         cli.options_from_args(parser.parse_args(["--mqtt-broker", "127.0.0.1:1883", "--node-workers", "0"]))
+
+
+class FakeKube(FakeLeases):
+    """FakeLeases plus POST of Nodes and Leases, as the API server answers them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: dict[str, dict[str, Any]] = {}
+
+    async def create(self, path: str, body: dict[str, Any], params: Any = None) -> dict[str, Any]:
+        self.rv += 1
+        name = body["metadata"]["name"]
+        store = self.leases if "/leases" in path else self.nodes
+        if name in store:
+            raise ApiError(409, "AlreadyExists", name)
+        body["metadata"].update(resourceVersion=str(self.rv), uid=f"uid-{name}")
+        store[name] = body
+        return body
+
+
+def recording_provider(kube: Any) -> tuple[Provider, list[str]]:
+    provider = Provider(kube, BrokerOptions("127.0.0.1", 1), ProviderOptions(env="dev", identity="me"))
+    sent: list[str] = []
+
+    def send(topic: str, _payload: bytes, *, qos: int = 1) -> bool:
+        sent.append(topic.rsplit("/", 1)[1])
+        return True
+
+    provider.commands.tunnel.send = send  # type: ignore[method-assign]
+    return provider, sent
+
+
+async def test_a_new_base_is_asked_for_its_modules_and_health_once() -> None:
+    """Discovery asks; taking the brand-new base's Lease a moment later does not ask again (it
+    doubled every new base's messages in a registration burst)."""
+    kube = FakeKube()
+    provider, sent = recording_provider(kube)
+    base = BaseState(base_id="b1", node_name="virtual-node-b1")
+    provider.registry.add(base)
+    provider.base_discovered(base)
+    await provider.node_reconciler.sync("virtual-node-b1")
+    assert base.owned and "virtual-node-b1" in kube.nodes and "virtual-node-b1" in kube.leases
+    assert sorted(sent) == ["health", "queryAllBiz"]
+
+
+async def test_a_base_taken_over_from_another_replica_is_asked_afresh() -> None:
+    kube = FakeKube()
+    kube.put_held("virtual-node-b1", "other", renewed_ago_s=120, duration_s=8)
+    kube.nodes["virtual-node-b1"] = {"metadata": {"name": "virtual-node-b1"}, "spec": {}, "status": {}}
+    provider, sent = recording_provider(kube)
+    nodes = provider.node_reconciler
+    nodes.nodes.get = lambda name: kube.nodes.get(name)  # type: ignore[method-assign]
+
+    async def patch(*_a: Any, **_k: Any) -> dict[str, Any]:
+        return {}
+
+    kube.patch = patch  # type: ignore[attr-defined]
+    base = BaseState(base_id="b1", node_name="virtual-node-b1")
+    provider.registry.add(base)
+    await nodes.sync("virtual-node-b1")
+    # What the other replica did meanwhile is unknown here: ask what is true now.
+    assert base.owned and sorted(sent) == ["health", "queryAllBiz"]
