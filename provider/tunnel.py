@@ -208,13 +208,8 @@ class MqttTunnel:
                 if self._stopping:
                     self._drop_socket(self._client.socket())
                     return
-                try:
-                    self._watch(self._client.socket())
-                    await self._serve()
-                except Exception:  # a bug here must not end reconnecting for good
-                    log.exception("MQTT connection to %s:%s failed unexpectedly; reconnecting",
-                                  self.broker.host, self.broker.port)
-                    self._drop_socket()
+                self._watch(self._client.socket())
+                await self._serve()
                 if self._connected_this_time:
                     delay = 1.0
             if self._stopping:
@@ -330,21 +325,12 @@ class MqttTunnel:
         self._closed.set()
 
     def _paho_register_write(self, _c: mqtt.Client, _u: Any, _sock: Any) -> None:
-        # Something was queued: write it once the current callbacks are done, in one go (paho calls
-        # this once until a write finishes; from another thread, hand it to the loop).
-        loop = self._loop
-        if loop is None or loop.is_closed():
+        # Something was queued: write it once the current callbacks are done, in one go. In the
+        # connecting thread (the CONNECT packet) `_watch` does it.
+        if self._flush_scheduled or threading.get_ident() != self._loop_thread or self._loop is None:
             return
-        if threading.get_ident() == self._loop_thread:
-            self._schedule_flush()
-        else:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._schedule_flush)
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush)
 
     def _paho_unregister_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         if self._writing is not None and self._loop is not None and threading.get_ident() == self._loop_thread:

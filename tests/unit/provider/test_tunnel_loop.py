@@ -101,13 +101,3 @@ async def test_stop_is_prompt_while_the_broker_cannot_be_reached() -> None:
                            what="a refused connect, counted")
     await asyncio.wait_for(tunnel.stop(), 15)
     assert not tunnel.connected.is_set()
-
-
-async def test_a_message_published_from_another_thread_goes_out_and_so_do_the_next(echo: Echo) -> None:
-    await echo.up()
-    assert await asyncio.to_thread(echo.tunnel.send, echo.topic, b"from a thread", qos=1)
-    await async_wait_until(lambda: asyncio.sleep(0, b"from a thread" in echo.received), timeout=30, interval=0.05,
-                           what="the message published off the loop")
-    assert echo.tunnel.send(echo.topic, b"then from the loop", qos=1)
-    await async_wait_until(lambda: asyncio.sleep(0, b"then from the loop" in echo.received), timeout=30,
-                           interval=0.05, what="the next message")
