@@ -290,11 +290,8 @@ class Reference:
 def registration_cpu(cp: ControlPlane, ctl: Ours | Reference) -> dict[str, float]:
     """CPU seconds so far of every process on the machine that takes part: the control plane, the
     controller ("provider"), our webhook and extender, and this process (the simulated bases)."""
-    cpu = cpu_by_process(cp, ctl.process.pid or 0)
+    cpu = cpu_by_process(cp, ctl.process.pid or 0, ctl.helper_pids())
     cpu["controller"] = cpu.pop("provider", 0.0)
-    for name, pid in ctl.helper_pids().items():
-        with contextlib.suppress(OSError, IndexError, KeyError):
-            cpu[name] = proc_stats(pid)[2]
     return cpu
 
 
@@ -377,14 +374,16 @@ async def one_round(args: argparse.Namespace, cp: ControlPlane, broker: Broker, 
             fleet = BaseSimulator(BrokerOptions(broker.host, broker.port), env=env, count=count, id_prefix=prefix)
             fleets.append(fleet)
             names = {ctl.node_name(b) for b in fleet.bases}
-            requests_before = await asyncio.to_thread(api_requests, cp)
-            cpu_before = registration_cpu(cp, ctl)
+            explain = key == "bases_many"
+            if explain:
+                requests_before = await asyncio.to_thread(api_requests, cp)
+                cpu_before = registration_cpu(cp, ctl)
             t0 = time.monotonic()
             await fleet.start()
             await timed(lambda: sum(ready(n) for n in nodes.list() if n["metadata"]["name"] in names) >= count,
                         f"{count} Ready Nodes")
             got[key] = time.monotonic() - t0
-            if key == "bases_many":
+            if explain:
                 cpu = {k: v - cpu_before.get(k, 0.0) for k, v in registration_cpu(cp, ctl).items()}
                 requests = await asyncio.to_thread(api_requests, cp)
                 print(f"    {ctl.who} registering {count} bases: " + where_time_went(cpu, requests_before, requests),

@@ -165,10 +165,10 @@ def proc_stats(pid: int) -> tuple[float, float, float]:
     return int(fields["VmRSS"]) / 1024, int(fields["VmHWM"]) / 1024, (int(stat[11]) + int(stat[12])) / ticks
 
 
-def cpu_by_process(cp: ControlPlane, provider_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the control plane's processes, the provider and this process (the
-    simulated bases and the bench's own clients)."""
-    pids = {**cp.pids, "provider": provider_pid, "bench+bases": os.getpid()}
+def cpu_by_process(cp: ControlPlane, provider_pid: int, extra: dict[str, int] | None = None) -> dict[str, float]:
+    """CPU seconds so far of the control plane's processes, the provider, any `extra` processes and
+    this process (the simulated bases and the bench's own clients)."""
+    pids = {**cp.pids, "provider": provider_pid, **(extra or {}), "bench+bases": os.getpid()}
     out = {}
     for name, pid in pids.items():
         try:

@@ -143,7 +143,9 @@ class Extender:
         usage_of = self._usage_for_request(bases)
         names = args.names
         view = self.view
-        reserving = bases is None and view is not None and self.watches_pods and self.reserves()
+        #: names mode with a Pod watch: the cache counts modules, so Pods can be reserved or waited for.
+        counted = bases is None and view is not None and self.watches_pods
+        reserving = counted and self.reserves()
         if reserving:
             assert view is not None
             # A Pod filtered again (its binding failed, or another plugin turned the base down) must
@@ -172,7 +174,8 @@ class Extender:
                 await view.wait_for_bases(awaited, self.settings.node_wait)
                 unknown = candidates.difference(view.bases)
         outcome = run()
-        if view is not None and self.watches_pods and bases is None:
+        if counted:
+            assert view is not None
             others = view.inflight_others(pod.key)
             if others and view.inflight_overlaps(outcome.passing, others):
                 settled = await view.settle(pod.key, self.settings.burst_wait)
@@ -185,7 +188,8 @@ class Extender:
             assert view is not None
             best = best[:1]
             view.assume(pod, best[0])
-        elif view is not None and self.watches_pods and bases is None and best:
+        elif counted and best:
+            assert view is not None
             view.begin_inflight(pod, best)
         for kind, count in outcome.kinds.items():
             REJECTIONS.labels(kind).inc(count)
