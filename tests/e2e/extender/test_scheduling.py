@@ -30,10 +30,16 @@ def failed_scheduling(cp: ControlPlane, namespace: str, pod: str) -> list[str]:
 
 def wait_for_reason(cp: ControlPlane, namespace: str, pod: str, reason: str) -> str:
     pattern = re.compile(r"0/\d+ nodes are available: .*\b\d+ " + re.escape(reason))
-    return wait_until(
-        lambda: next((m for m in failed_scheduling(cp, namespace, pod) if pattern.search(m)), None),
-        timeout=60, what=f"FailedScheduling for {pod} naming {reason!r}",
-    )
+    seen: list[str] = []
+
+    def matching() -> str | None:
+        seen[:] = failed_scheduling(cp, namespace, pod)
+        return next((m for m in seen if pattern.search(m)), None)
+
+    try:
+        return wait_until(matching, timeout=60, what=f"FailedScheduling for {pod} naming {reason!r}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; its FailedScheduling messages: {seen or 'none'}") from None
 
 
 def test_pending_module_explains_the_version_then_lands_when_a_matching_base_appears(
