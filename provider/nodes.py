@@ -47,10 +47,6 @@ class NodeReconcilerOptions:
     #: kubelet's ratio: renew every quarter of the Lease duration (10 s of 40 s).
     lease_renew_interval: float = vnode.LEASE_DURATION_S / 4
     workers: int = 16
-    #: How long a new base's Node waits for the base's first health reply (asked at discovery): a
-    #: Node made before it carries default capacity and needs a status write moments later, which in
-    #: a registration burst was one API write in six.
-    first_health_wait: float = 1.0
 
 
 class NodeReconciler:
@@ -145,10 +141,6 @@ class NodeReconciler:
                 # the Node as owner (two API writes per new base; a Lease before the Node took a
                 # third to set the owner). Replicas racing for a new base may both try; one create
                 # wins, and only the Lease's holder writes the Node after that.
-                if base.health is None:
-                    left = self.opts.first_health_wait - (now - base.discovered_at)
-                    if left > 0:
-                        return left  # the health reply adds the Node to the queue again at once
                 node, fresh = await self._create_node(base)
             retry = await self._acquire_lease(base, new=new)
             if retry is not None:

@@ -37,8 +37,6 @@ class BaseState:
     node_name: str
     heartbeat: arklet.Heartbeat | None = None
     last_heard: float = field(default_factory=time.monotonic)
-    #: When (monotonic) this provider first heard of the base.
-    discovered_at: float = field(default_factory=time.monotonic)
     #: The base's own timestamp of the newest message per topic kind: older ones are replays.
     last_ts: dict[str, int] = field(default_factory=dict)
     #: Since when (monotonic) every heartbeat has been older than the newest seen; None if in order.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from koupleless import arklet
 from koupleless.kube.client import ApiError
 from koupleless.kube.lease import micro_time
 from provider import vnode
@@ -165,15 +164,6 @@ def recording_provider(kube: Any) -> tuple[Provider, list[str]]:
     return provider, sent
 
 
-def health_reply(memory_mb: int = 2048, cpus: int = 4) -> dict[str, Any]:
-    """arklet's health Output, as the base answers the provider's health command."""
-    return {"code": "SUCCESS", "message": "", "data": {"healthData": {
-        "jvm": {"max memory(M)": memory_mb, "run time(s)": 30},
-        "cpu": {"count": cpus},
-        "masterBizInfo": {"bizName": "base", "bizState": "ACTIVATED"},
-    }}}
-
-
 async def test_a_new_base_is_asked_for_its_modules_and_health_once() -> None:
     """Discovery asks; taking the brand-new base's Lease a moment later does not ask again (it
     doubled every new base's messages in a registration burst)."""
@@ -182,45 +172,9 @@ async def test_a_new_base_is_asked_for_its_modules_and_health_once() -> None:
     base = BaseState(base_id="b1", node_name="virtual-node-b1")
     provider.registry.add(base)
     provider.base_discovered(base)
-    provider.registry._on_health(base, arklet.parse_health(health_reply()))
     await provider.node_reconciler.sync("virtual-node-b1")
     assert base.owned and "virtual-node-b1" in kube.nodes and "virtual-node-b1" in kube.leases
     assert sorted(sent) == ["health", "queryAllBiz"]
-
-
-async def test_a_new_bases_node_waits_for_its_health_and_is_made_with_it_in_one_write() -> None:
-    """Made before the health reply, a Node carries default capacity and gets a status write a
-    moment later; made with it, once."""
-    kube = FakeKube()
-    provider, _sent = recording_provider(kube)
-    nodes = provider.node_reconciler
-    queued: list[str] = []
-    nodes.queue.add = queued.append  # type: ignore[method-assign]
-    base = BaseState(base_id="b1", node_name="virtual-node-b1")
-    provider.registry.add(base)
-    provider.base_discovered(base)
-    again = await nodes.sync("virtual-node-b1")
-    assert not kube.nodes and not kube.leases and not base.owned
-    assert again is not None and 0 < again <= nodes.opts.first_health_wait
-    provider.registry._on_health(base, arklet.parse_health(health_reply(memory_mb=2048, cpus=4)))
-    assert queued == ["virtual-node-b1"]  # the reply brings the Node on at once, not after the wait
-    await nodes.sync("virtual-node-b1")
-    capacity = kube.nodes["virtual-node-b1"]["status"]["capacity"]
-    assert capacity["memory"] == "2Gi" and capacity["cpu"] == "4"
-    assert base.owned and "virtual-node-b1" in kube.leases
-
-
-async def test_a_base_that_does_not_answer_health_gets_its_node_after_the_wait() -> None:
-    kube = FakeKube()
-    provider, _sent = recording_provider(kube)
-    nodes = provider.node_reconciler
-    base = BaseState(base_id="b1", node_name="virtual-node-b1")
-    provider.registry.add(base)
-    provider.base_discovered(base)
-    base.discovered_at -= nodes.opts.first_health_wait  # discovered that long ago; no reply since
-    await nodes.sync("virtual-node-b1")
-    capacity = kube.nodes["virtual-node-b1"]["status"]["capacity"]
-    assert capacity["memory"] == nodes.opts.node.default_memory and base.owned
 
 
 async def test_a_base_taken_over_from_another_replica_is_asked_afresh() -> None:
