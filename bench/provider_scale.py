@@ -261,6 +261,33 @@ def no_failed(pods: Informer) -> bool:
     return True
 
 
+async def not_ready_report(client: KubeClient, ns: str, pods: Informer, pod_ready_at: dict[str, float],
+                           http_port: int) -> str:
+    """Why a wait for Ready Pods ran out: what the API server holds now beside what this bench's watch
+    delivered, the first Pods not Ready with their conditions, and the provider's own counters of
+    work still in hand."""
+    listed = (await client.list(pod_path(ns)))["items"]
+    not_ready = [p for p in listed if not ready(p)]
+    phases: dict[str, int] = {}
+    for p in not_ready:
+        phase = str((p.get("status") or {}).get("phase"))
+        phases[phase] = phases.get(phase, 0) + 1
+    examples = [
+        f"{p['metadata']['name']} on {p['spec'].get('nodeName')}: "
+        + "; ".join(f"{c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}".strip()
+                    for c in (p.get("status") or {}).get("conditions") or [])
+        for p in not_ready[:3]
+    ]
+    in_hand = {name.removeprefix("koupleless_"): counter_sums(http_port, name, label) for name, label in (
+        ("koupleless_workqueue_depth", "queue"), ("koupleless_workqueue_longest_running_seconds", "queue"),
+        ("koupleless_provider_commands_total", "command"), ("koupleless_provider_commands_dropped_total", "command"),
+        ("koupleless_provider_install_results_total", "result"),
+        ("koupleless_informer_objects", "informer"))}
+    return (f"API server: {len(listed)} Pods, {len(listed) - len(not_ready)} Ready, not Ready by phase {phases}; "
+            f"this bench's watch: {len(pods.list())} Pods cached, {sum(ready(p) for p in pods.list())} Ready in its "
+            f"cache, {len(pod_ready_at)} seen turning Ready; provider {in_hand}; first not Ready: {examples}")
+
+
 async def wait_for(check: Any, timeout: float, what: str) -> float:
     start = time.monotonic()
     while not check():
@@ -463,8 +490,12 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
         await create_pods(client, big, args.concurrency)
         created_in = time.monotonic() - t2
         total_pods = have + len(big)
-        took = await wait_for(lambda: no_failed(pods) and len(pod_ready_at) >= total_pods, 900,
-                              f"{total_pods} Pods Ready")
+        try:
+            took = await wait_for(lambda: no_failed(pods) and len(pod_ready_at) >= total_pods, args.ready_timeout,
+                                  f"{total_pods} Pods Ready")
+        except SystemExit as exc:
+            print("    " + await not_ready_report(client, ns, pods, pod_ready_at, http_port), flush=True)
+            raise exc
         modules = have + len(big) * args.containers_per_pod
         whole = time.monotonic() - t2
         print(f"[4] {modules} modules in {total_pods} Pods on {len(all_nodes)} bases Ready in "
@@ -976,6 +1007,8 @@ def main() -> int:
     parser.add_argument("--provider-log-level", default="warning")
     parser.add_argument("--steady-seconds", type=float, default=30.0)
     parser.add_argument("--workdir", default="/tmp/koupleless-bench-provider")
+    parser.add_argument("--ready-timeout", type=float, default=900.0,
+                        help="seconds [4] waits for every module Pod Ready before it gives up (default 900)")
     parser.add_argument("--compare-with", default=None, metavar="DIR",
                         help="A/B: hops only, this tree vs the source tree DIR, in alternating rounds")
     parser.add_argument("--rounds", type=int, default=4, help="A/B rounds (each runs both variants)")
