@@ -55,7 +55,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devcluster.broker import Broker
-from devcluster.cluster import ControlPlane
+from devcluster.cluster import ControlPlane, Timings
 from devcluster.processes import ManagedProcess, free_port
 from koupleless import arklet, keys
 from koupleless.kube import Informer, KubeClient, lease_path, namespace_path, node_path, pod_path
@@ -259,6 +259,31 @@ def no_failed(pods: Informer) -> bool:
         raise SystemExit(f"{len(failed)} Pods Failed, e.g. {failed[0]['metadata']['name']}: "
                          f"{st.get('reason')}: {st.get('message')}")
     return True
+
+
+class LossWatch:
+    """Nodes that stopped being Ready and module Pods deleted while a phase ran: at thousands of bases
+    on two cores a Lease renewal that is late past kube-controller-manager's grace period makes the
+    Node unreachable, and its tainting evicts (deletes) the Node's Pods, which are then never Ready."""
+
+    def __init__(self, nodes: Informer, pods: Informer) -> None:
+        self.not_ready: dict[str, str] = {}
+        self.deleted: list[str] = []
+
+        def node_update(old: dict[str, Any], new: dict[str, Any]) -> None:
+            if ready(old) and not ready(new):
+                self.not_ready.setdefault(new["metadata"]["name"], node_trouble(new) or "not Ready")
+
+        nodes.add_handler(None, node_update, None)
+        pods.add_handler(None, None, lambda p: self.deleted.append(p["metadata"]["name"]))
+
+    def report(self, cpu_now: dict[str, float], cpu_then: dict[str, float], since: float) -> str:
+        took = time.monotonic() - since
+        cpu = {k: v - cpu_then.get(k, 0.0) for k, v in cpu_now.items()}
+        shares = ", ".join(f"{k} {v / took:.0%}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+        why = sorted({r for r in self.not_ready.values()})[:3]
+        return (f"meanwhile: {len(self.not_ready)} Nodes went not Ready ({why}), {len(self.deleted)} module Pods "
+                f"deleted (evicted); CPU share of one core over the {took:.0f}s: {shares}")
 
 
 async def not_ready_report(client: KubeClient, ns: str, pods: Informer, pod_ready_at: dict[str, float],
@@ -486,6 +511,7 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
         calls0 = counter_sums(http_port, "koupleless_kube_requests_total", "verb")
         events0 = counter_sums(http_port, "koupleless_kube_events_total", "outcome")
         cpu_at_create = cpu_by_process(cp, provider.pid or 0)
+        losses = LossWatch(nodes, pods)
         t2 = time.monotonic()
         await create_pods(client, big, args.concurrency)
         created_in = time.monotonic() - t2
@@ -495,6 +521,7 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
                                   f"{total_pods} Pods Ready")
         except SystemExit as exc:
             print("    " + await not_ready_report(client, ns, pods, pod_ready_at, http_port), flush=True)
+            print("    " + losses.report(cpu_by_process(cp, provider.pid or 0), cpu_at_create, t2), flush=True)
             raise exc
         modules = have + len(big) * args.containers_per_pod
         whole = time.monotonic() - t2
@@ -503,6 +530,7 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
               f"(target: 5,000 modules Ready <= {TARGET_MODULES_READY_S:g} s from the first create: "
               f"ratio {whole / TARGET_MODULES_READY_S:.2f}"
               + ("" if modules == 5000 else f"; the target is for 5,000, this is {modules}") + ")")
+        print("    " + losses.report(cpu_by_process(cp, provider.pid or 0), cpu_at_create, t2))
         calls = counter_delta(calls0, counter_sums(http_port, "koupleless_kube_requests_total", "verb"))
         events = counter_delta(events0, counter_sums(http_port, "koupleless_kube_events_total", "outcome"))
         cpu = {k: v - cpu_at_create.get(k, 0.0) for k, v in cpu_by_process(cp, provider.pid or 0).items()}
@@ -1007,6 +1035,10 @@ def main() -> int:
     parser.add_argument("--provider-log-level", default="warning")
     parser.add_argument("--steady-seconds", type=float, default=30.0)
     parser.add_argument("--workdir", default="/tmp/koupleless-bench-provider")
+    parser.add_argument("--kubernetes-timings", action="store_true",
+                        help="run the control plane with Kubernetes' own node-loss timings (Node unreachable after "
+                             "50 s without a Lease renewal, its Pods evicted 300 s later) instead of devcluster's "
+                             "short ones (20 s, 10 s)")
     parser.add_argument("--ready-timeout", type=float, default=900.0,
                         help="seconds [4] waits for every module Pod Ready before it gives up (default 900)")
     parser.add_argument("--compare-with", default=None, metavar="DIR",
@@ -1040,7 +1072,8 @@ def main() -> int:
     # An anonymous broker without ACLs: the bench measures the provider, and its bases share one
     # connection (see README "Security" for what per-base connections cost), as does a --compare-with
     # tree that predates broker accounts.
-    with ControlPlane() as cp, Broker(identity=False) as broker:
+    timings = Timings.kubernetes_defaults() if args.kubernetes_timings else Timings()
+    with ControlPlane(timings=timings) as cp, Broker(identity=False) as broker:
         uvloop.run(run_all(args, cp, broker))
     return 0
 
