@@ -1,10 +1,14 @@
-"""The MQTT connection, bridged into asyncio.
+"""The MQTT connection, on the event loop.
 
-paho-mqtt runs its network loop on its own thread; every callback is handed to the event loop with
-`call_soon_threadsafe`, so the rest of the process only ever sees the loop. MQTT 5 with a persistent
-session (clean_start=False + Session Expiry) lets the broker keep our subscriptions and queue QoS 1
-messages from bases while we reconnect; we still resubscribe on every connect, because a broker that
-lost the session (restart without persistence, expiry) says so only through session_present.
+paho-mqtt does the protocol; its socket is watched by the event loop itself (paho's external-loop
+API: loop_read / loop_write / loop_misc), so there is no network thread, no wake-up socket written
+for every packet and no hand-over of every message between threads. Only the blocking TCP and TLS
+connect runs in a worker thread, so a slow broker never stalls the loop. Callbacks reach the rest
+of the process through `call_soon`, as if they had come from any other event source. MQTT 5 with a
+persistent session (clean_start=False + Session Expiry) lets the broker keep our subscriptions and
+queue QoS 1 messages from bases while we reconnect; we still resubscribe on every connect, because a
+broker that lost the session (restart without persistence, expiry) says so only through
+session_present.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import os
 import socket
 import ssl
-import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +102,18 @@ class MqttTunnel:
         self._persistent = persistent_session
         self._session_expiry = session_expiry_s
         self._on_connection = on_connection
+        self._max_reconnect_delay = max(1, max_reconnect_delay)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        #: The socket the loop watches for reading (None while not connected), and for writing when
+        #: a write could not finish at once.
+        self._sock: Any = None
+        self._writing: Any = None
+        self._flush_scheduled = False
+        self._connected_this_time = False
+        self._closed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         #: Set once the broker has answered every SUBSCRIBE sent on the latest connect (SUBACK):
         #: from then on it routes those topics to us. Cleared on disconnect.
@@ -121,8 +136,8 @@ class MqttTunnel:
         # Bounded: during an outage commands wait here, and whoever sent them sends them again if
         # they are still wanted once the broker is back (0: unbounded, for the simulator).
         c.max_queued_messages_set(outbox_limit)
-        # A local broker that restarts is back in about a second: a long backoff only adds silence.
-        c.reconnect_delay_set(min_delay=1, max_delay=max(1, max_reconnect_delay))
+        # A bug in a callback is logged by paho and the connection goes on.
+        c.suppress_exceptions = True
         if broker.username is not None:
             c.username_pw_set(broker.username, broker.password)
         if broker.tls or broker.ca_file or broker.cert_file:
@@ -135,8 +150,10 @@ class MqttTunnel:
             )
             c.tls_insecure_set(False)
         c.on_socket_open = self._paho_socket_open
+        c.on_socket_close = self._paho_socket_close
+        c.on_socket_register_write = self._paho_register_write
+        c.on_socket_unregister_write = self._paho_unregister_write
         c.on_connect = self._paho_connect
-        c.on_connect_fail = self._paho_connect_fail
         c.on_disconnect = self._paho_disconnect
         c.on_subscribe = self._paho_subscribe
         c.on_message = self._paho_message
@@ -146,6 +163,7 @@ class MqttTunnel:
     async def start(self) -> None:
         """Start connecting in the background; `connected` is set once the broker accepts us."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         props = Properties(PacketTypes.CONNECT)
         if self._persistent:
             props.SessionExpiryInterval = self._session_expiry
@@ -156,13 +174,100 @@ class MqttTunnel:
             clean_start=not self._persistent,
             properties=props,
         )
-        self._client.loop_start()
+        self._runner = self._loop.create_task(self._keep_connected(), name=f"mqtt-{self.name}")
 
     async def stop(self) -> None:
         self._stopping = True
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        self._wake.set()
+        if self._sock is not None:
+            self._client.disconnect()  # written by the loop; paho closes the socket once it is out
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), 2.0)
+            self._drop_socket()
+        if self._runner is not None:
+            try:
+                # A connect still in its thread finishes within paho's connect timeout (5 s).
+                await asyncio.wait_for(self._runner, 10.0)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
         self.connected.clear()
+
+    async def _keep_connected(self) -> None:
+        """Connect, serve the socket until it closes, wait, connect again; until `stop`. A local
+        broker that restarts is back in about a second: a long backoff only adds silence."""
+        delay = 1.0
+        while not self._stopping:
+            self._connected_this_time = False
+            try:
+                await asyncio.to_thread(self._client.reconnect)
+            except Exception as exc:  # OSError, ssl.SSLError, ValueError: all mean "not now"
+                MQTT_CONNECTS.labels(self.name, "failed").inc()
+                if not self._stopping:
+                    log.error("%s; retrying", connect_error_message(self.broker, exc))
+            else:
+                if self._stopping:
+                    self._drop_socket(self._client.socket())
+                    return
+                self._watch(self._client.socket())
+                await self._serve()
+                if self._connected_this_time:
+                    delay = 1.0
+            if self._stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            delay = min(delay * 2, float(self._max_reconnect_delay))
+
+    def _watch(self, sock: Any) -> None:
+        assert self._loop is not None
+        if sock is None:
+            return
+        self._sock = sock
+        self._closed.clear()
+        self._loop.add_reader(sock, self._readable)
+        self._flush()  # the CONNECT queued while connecting
+
+    async def _serve(self) -> None:
+        """Until the socket closes; paho's keepalive (PINGREQ, and giving up on a silent broker)
+        runs every second, as its own loop would run it."""
+        while self._sock is not None:
+            try:
+                await asyncio.wait_for(self._closed.wait(), 1.0)
+            except TimeoutError:
+                self._client.loop_misc()
+
+    def _readable(self) -> None:
+        sock = self._sock
+        self._client.loop_read()
+        # TLS: records the kernel already handed over may wait, decrypted, in the SSL object, where
+        # the loop's selector cannot see them.
+        while sock is not None and self._sock is sock and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            self._client.loop_read()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        sock = self._sock
+        if sock is None:
+            return
+        self._client.loop_write()
+        if self._sock is sock and self._client.want_write() and self._writing is None:
+            assert self._loop is not None
+            self._loop.add_writer(sock, self._client.loop_write)  # the socket's buffer was full
+            self._writing = sock
+
+    def _drop_socket(self, sock: Any = None) -> None:
+        """Stop watching the socket and close it (stop(), or a connect that finished after it)."""
+        sock = sock if sock is not None else self._sock
+        if sock is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        with contextlib.suppress(OSError):
+            sock.close()
+        if sock is self._sock:
+            self._sock = self._writing = None
+            self._closed.set()
 
     def add_subscription(self, topic: str, qos: int = 1) -> None:
         """Subscribe now and again on every reconnect."""
@@ -200,7 +305,7 @@ class MqttTunnel:
         if infos and self._client.is_connected():
             await asyncio.to_thread(wait)
 
-    # --- paho thread -> loop -------------------------------------------------------------------------
+    # --- paho callbacks (on the loop, but for the socket opening in the connecting thread) -----------
 
     def _paho_socket_open(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         # paho leaves Nagle on: a small command written while the broker has not yet acknowledged
@@ -209,12 +314,36 @@ class MqttTunnel:
         with contextlib.suppress(AttributeError, OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _paho_socket_close(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        # paho closes the socket right after this returns.
+        if sock is not self._sock or threading.get_ident() != self._loop_thread or self._loop is None:
+            return
+        self._loop.remove_reader(sock)
+        if self._writing is not None:
+            self._loop.remove_writer(sock)
+        self._sock = self._writing = None
+        self._closed.set()
+
+    def _paho_register_write(self, _c: mqtt.Client, _u: Any, _sock: Any) -> None:
+        # Something was queued: write it once the current callbacks are done, in one go. In the
+        # connecting thread (the CONNECT packet) `_watch` does it.
+        if self._flush_scheduled or threading.get_ident() != self._loop_thread or self._loop is None:
+            return
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush)
+
+    def _paho_unregister_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        if self._writing is not None and self._loop is not None and threading.get_ident() == self._loop_thread:
+            self._loop.remove_writer(self._writing)
+            self._writing = None
+
     def _paho_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             MQTT_CONNECTS.labels(self.name, "refused").inc()
             log.error("%s; retrying", refusal_message(self.broker, self.client_id, reason))
             return
         MQTT_CONNECTS.labels(self.name, "ok").inc()
+        self._connected_this_time = True
         # Always resubscribe: cheap, and the only safe answer when the broker lost our session.
         subs = list(self._subscriptions)
         self._pending_subacks.clear()
@@ -230,13 +359,6 @@ class MqttTunnel:
             self.broker.host, self.broker.port, self.client_id, flags.session_present, len(subs),
         )
         self._to_loop(self._set_connected, True)
-
-    def _paho_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
-        # paho calls this from inside its `except OSError` and keeps retrying with backoff; the
-        # exception itself is only reachable here, and it is the one thing a user needs to see.
-        exc = sys.exc_info()[1]
-        MQTT_CONNECTS.labels(self.name, "failed").inc()
-        log.error("%s; retrying", connect_error_message(self.broker, exc))
 
     def _paho_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason is not None and getattr(reason, "is_failure", False):
@@ -270,11 +392,16 @@ class MqttTunnel:
             self._on_connection(up)
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn` on the loop after the current paho callback, never inside it: what it does
+        (publish, subscribe, a Node write) must not happen while paho is reading a packet."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(fn, *args)
+            if threading.get_ident() == self._loop_thread:
+                loop.call_soon(fn, *args)
+            else:
+                loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # loop closing during shutdown
             pass
 
