@@ -8,29 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any
 
 import msgspec
 
 from koupleless import keys, model
 from webhook import wire
-from webhook.defaults import Defaults, default_ops, template_ops
-from webhook.patch import Op, encode
+from webhook.defaults import Defaults, template_ops
+from webhook.verdicts import (
+    PROBLEM_SEPARATOR,
+    Decision,
+    allow,
+    decide_create,
+    deny,
+)
 from webhook.workloads import WORKLOAD_KINDS, align_selector, module_template_labels
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
-#: Separates problems in a rejection: the message becomes one line of a ReplicaSet event, where a
-#: newline would break `kubectl describe`'s table.
-PROBLEM_SEPARATOR = "; "
-#: New Pods whose spec (what the webhook reads of it) is up to this size have their verdict kept,
-#: for this many distinct specs; a bigger one is judged each time, so the cache stays small (a few
-#: MB at most) whatever users write.
-CACHED_SPEC_BYTES = 16 * 1024
-CACHED_SPECS = 512
 _JSON = msgspec.json.Encoder()
-
-Result = Literal["allowed", "patched", "denied", "error"]
 
 
 class BadReview(ValueError):
@@ -70,42 +66,6 @@ class Unreadable(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
-
-
-class Decision:
-    """Shared between requests (the verdicts of new Pods are kept): never changed once made
-    (Final to mypy). A plain class: a frozen dataclass's __init__, which sets each field through
-    object.__setattr__, cost a tenth of judging a new Pod."""
-
-    __slots__ = ("code", "message", "ops", "patch", "result", "warnings")
-
-    def __init__(
-        self,
-        result: Result,
-        ops: list[Op] | None = None,
-        warnings: list[str] | None = None,
-        message: str = "",
-        code: int = 200,
-    ) -> None:
-        self.result: Final = result
-        self.ops: Final[list[Op]] = ops if ops is not None else []
-        self.warnings: Final[list[str]] = warnings if warnings is not None else []
-        self.message: Final = message
-        self.code: Final = code
-        #: `ops` as the response's `patch`, base64 of their JSON, encoded once
-        self.patch: Final = encode(ops) if ops else b""
-
-    def _fields(self) -> tuple[Result, list[Op], list[str], str, int]:
-        return (self.result, self.ops, self.warnings, self.message, self.code)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Decision) and self._fields() == other._fields()
-
-    __hash__ = None  # type: ignore[assignment]  # its lists are not hashable either
-
-    def __repr__(self) -> str:
-        result, ops, warnings, message, code = self._fields()
-        return f"Decision({result!r}, ops={ops!r}, warnings={warnings!r}, message={message!r}, code={code!r})"
 
 
 def read_review(body: bytes) -> Review:
@@ -212,99 +172,11 @@ def _decide(review: Review, defaults: Defaults) -> Decision:
     if not model.is_module_pod(pod):
         return Decision("allowed")
     if operation == "CREATE":
-        return _decide_create(pod, defaults)
-    return _decide_update(pod, review.field("oldObject"))
-
-
-class KeptVerdicts:
-    """Verdicts of new Pods by spec (and DaemonSet ownership), for one Defaults at a time: a
-    process has one, and a key of bytes alone is hashed once (bytes keep their hash), where a
-    Defaults in every key was hashed by Python code at each look-up."""
-
-    __slots__ = ("defaults", "kept", "seen_once")
-
-    def __init__(self) -> None:
-        self.defaults: Defaults | None = None
-        self.kept: dict[bytes, Decision] = {}
-        #: Keys of specs judged once and not yet kept: a verdict is kept from its spec's second
-        #: sighting on. Bytes, nothing the garbage collector walks, unlike a kept verdict's ops.
-        self.seen_once: set[bytes] = set()
-
-    def use(self, defaults: Defaults) -> None:
-        """Verdicts made under other defaults do not apply: forget them."""
-        if defaults != self.defaults:
-            self.kept.clear()
-            self.seen_once.clear()
-            self.defaults = defaults
-
-
-_VERDICTS = KeptVerdicts()
-
-
-@dataclass(slots=True)
-class VerdictCounts:
-    """New module Pods whose kept verdict was reused, and those judged afresh (for /metrics)."""
-
-    reused: int = 0
-    judged: int = 0
-
-
-VERDICT_COUNTS = VerdictCounts()
-
-
-def _decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
-    """A new module Pod's verdict depends on its spec and on whether a DaemonSet owns it (its
-    metadata.ownerReferences, model.owned_by_daemonset), and all replicas of a release share that
-    spec byte for byte in what the webhook reads of it (webhook.wire declares no volumes, mounts or
-    names): one verdict per distinct spec and ownership is kept, from the spec's second Pod on."""
-    spec = pod.get("spec")
-    daemonset_owned = model.owned_by_daemonset(pod)
-    if not isinstance(spec, dict):
-        return _judge_new_pod(pod, defaults, daemonset_owned)
-    cache = _VERDICTS
-    if defaults is not cache.defaults:
-        cache.use(defaults)
-    key = _JSON.encode((daemonset_owned, spec))  # Raw parts are copied as they arrived
-    verdict = cache.kept.get(key)
-    if verdict is not None:
-        VERDICT_COUNTS.reused += 1
-    else:
-        VERDICT_COUNTS.judged += 1
-        decoded = dict(spec)
         try:
-            for name in wire.RAW_SPEC_FIELDS:
-                value = decoded.get(name)
-                if isinstance(value, wire.Raw):
-                    decoded[name] = wire.decode(value)
+            return decide_create(pod, defaults)
         except wire.DecodeError as exc:
             raise Unreadable("request.object", str(exc)) from None
-        verdict = _judge_new_pod({"spec": decoded}, defaults, daemonset_owned)
-        if len(key) <= CACHED_SPEC_BYTES:
-            # Kept once the spec comes back: every replica after a release's second reuses it, and
-            # a stream of one-off specs does not churn the cache (and the collector) with verdicts
-            # nobody asks for again.
-            seen_once = cache.seen_once
-            if key in seen_once:
-                seen_once.discard(key)
-                if len(cache.kept) >= CACHED_SPECS:
-                    cache.kept.clear()  # simpler than LRU order, and as good: releases come in bursts
-                cache.kept[key] = verdict
-            else:
-                if len(seen_once) >= CACHED_SPECS:
-                    seen_once.clear()
-                seen_once.add(key)
-    return verdict
-
-
-def _judge_new_pod(pod: Mapping[str, Any], defaults: Defaults, daemonset_owned: bool = False) -> Decision:
-    problems = model.validate_pod(pod, stack_defaulted=True, daemonset_owned=daemonset_owned)
-    if not problems:  # the usual case, without two list scans
-        ops = default_ops(pod, defaults, daemonset_owned=daemonset_owned)
-        return Decision("patched" if ops else "allowed", ops=ops)
-    errors = model.errors(problems)
-    if errors:
-        return _deny(errors)
-    return _allow(default_ops(pod, defaults, daemonset_owned=daemonset_owned), model.warnings(problems))
+    return _decide_update(pod, review.field("oldObject"))
 
 
 def _decide_update(pod: Mapping[str, Any], old: Any) -> Decision:
@@ -326,8 +198,8 @@ def _decide_update(pod: Mapping[str, Any], old: Any) -> Decision:
     new = [p for p in problems if str(p) not in before]
     errors = model.errors(new)
     if errors:
-        return _deny(errors)
-    return _allow([], model.warnings(new))
+        return deny(errors)
+    return allow([], model.warnings(new))
 
 
 #: Appended to a DaemonSet's refusal: why its template is checked here, not on its Pods.
@@ -451,14 +323,6 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
         return kind.get("kind") == "Pod" and not kind.get("group")
     resource = request.get("resource")
     return isinstance(resource, dict) and resource.get("resource") == "pods" and not resource.get("group")
-
-
-def _allow(ops: list[Op], warnings: list[model.Problem]) -> Decision:
-    return Decision("patched" if ops else "allowed", ops=ops, warnings=[str(w) for w in warnings])
-
-
-def _deny(errors: list[model.Problem]) -> Decision:
-    return Decision("denied", message=PROBLEM_SEPARATOR.join(str(e) for e in errors), code=403)
 
 
 def _error(field: str, what: str, fix: str) -> Decision:

@@ -27,10 +27,8 @@ from prometheus_client.registry import Collector
 
 from koupleless.http import add_health_routes
 from webhook.admission import (
-    VERDICT_COUNTS,
     BadReview,
     Decision,
-    Result,
     Review,
     Unreadable,
     decide,
@@ -38,6 +36,7 @@ from webhook.admission import (
     read_review,
 )
 from webhook.defaults import Defaults
+from webhook.verdicts import VERDICT_COUNTS, Result
 
 log = logging.getLogger(__name__)
 

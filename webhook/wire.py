@@ -5,7 +5,7 @@ the Pod its status, volumes, mounts and dozens of defaulted fields. Owner refere
 DaemonSet's Pod carries the DaemonSet controller's node term instead of a base requirement. msgspec
 skips undeclared fields without building objects for them, which is most of the cost of reading a
 review. Two subtrees of a new Pod stay undecoded (`msgspec.Raw`), affinity and tolerations: they
-are read only the first time a spec is judged (webhook.admission keeps a verdict per spec).
+are read only the first time a spec is judged (webhook.verdicts keeps a verdict per spec).
 
 A body whose shape differs from these declarations (a container that is not an object, say) is not
 an error here: it is decoded in full, without a schema, and judged by the same rules, which name
@@ -104,7 +104,7 @@ class Metadata(TypedDict, total=False):
     generateName: Any
     labels: Any
     deletionTimestamp: Any
-    #: koupleless.model.owned_by_daemonset; part of a kept verdict's key (webhook.admission).
+    #: koupleless.model.owned_by_daemonset; part of a kept verdict's key (webhook.verdicts).
     ownerReferences: list[OwnerReference]
 
 
