@@ -305,26 +305,36 @@ def validate_pod(
     has no base requirement of its own: the controller picked that node against the template's
     affinity, which is checked when the DaemonSet is admitted. Every other rule applies.
     """
-    problems: list[Problem] = []
     spec = pod.get("spec")
     if not isinstance(spec, dict):
         spec = {}
-    containers = spec.get("containers")
+    return problems_in_containers(spec.get("containers")) + problems_outside_containers(
+        spec, daemonset_owned=daemonset_owned
+    )
+
+
+def problems_in_containers(containers: Any) -> list[Problem]:
+    """`validate_pod`'s problems with `spec.containers`, which come first in its list."""
     if not isinstance(containers, list) or not containers:
-        problems.append(
+        return [
             Problem(
                 "spec.containers",
                 "a module Pod needs at least one container",
                 "add one container per module: name = bizName, image = the module jar URL, "
                 "env BIZ_VERSION = its version",
             )
-        )
-    else:
-        seen: dict[str, int] = {}
-        for i, container in enumerate(containers):
-            problems.extend(_container_problems(i, container, seen))
-    if not (daemonset_owned and daemonset_node(spec) is not None):
-        problems.extend(_affinity_problems(spec))
+        ]
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, container in enumerate(containers):
+        problems.extend(_container_problems(i, container, seen))
+    return problems
+
+
+def problems_outside_containers(spec: Mapping[str, Any], *, daemonset_owned: bool = False) -> list[Problem]:
+    """The rest of `validate_pod`'s problems, read from the spec but not its containers: in a
+    release, identical between versions (the webhook keeps them per such part of a spec)."""
+    problems = [] if daemonset_owned and daemonset_node(spec) is not None else _affinity_problems(spec)
     problems.extend(_unsupported_problems(spec))
     return problems
 

@@ -89,25 +89,45 @@ def default_ops(pod: Mapping[str, Any], defaults: Defaults, *, daemonset_owned: 
     spec = pod.get("spec")
     if not isinstance(spec, dict):
         return []
+    ops, requests_module = ops_in_containers(spec.get("containers"))
+    ops += ops_outside_containers(spec, defaults, daemonset_owned=daemonset_owned)
+    if requests_module:
+        ops += scheduler_ops(spec, defaults)
+    return ops
+
+
+def ops_in_containers(containers: Any) -> tuple[list[Op], bool]:
+    """`default_ops`'s operations on `spec.containers`, which come first, and whether a container
+    requests the module resource (then `scheduler_ops` apply)."""
     # The helpers append to one list: this runs on every admission, and a list per helper plus
     # `extend` was a measurable share of it.
     ops: list[Op] = []
     requests_module = False
-    containers = spec.get("containers")
     if isinstance(containers, list):
         for i, container in enumerate(containers):
             if isinstance(container, dict):
                 _biz_version_ops(ops, i, container)
                 _module_resource_ops(ops, i, container)
                 requests_module = True
+    return ops, requests_module
+
+
+def ops_outside_containers(spec: Mapping[str, Any], defaults: Defaults, *, daemonset_owned: bool = False) -> list[Op]:
+    """`default_ops`'s operations after those on containers, but for `scheduler_ops`: read from the
+    spec but not its containers, so in a release identical between versions (the webhook keeps
+    them per such part of a spec)."""
+    ops: list[Op] = []
     if not (daemonset_owned and model.daemonset_node(spec) is not None):
         _stack_ops(ops, spec)
     ops.extend(_toleration_ops(spec, defaults))
-    # Only beside the module resource: the profile skips the in-tree node-affinity filter and
-    # relies on the extender, which kube-scheduler calls only for Pods that request that resource.
-    if requests_module and defaults.scheduler_name:
-        ops.extend(_scheduler_ops(spec, defaults.scheduler_name))
     return ops
+
+
+def scheduler_ops(spec: Mapping[str, Any], defaults: Defaults) -> list[Op]:
+    """`default_ops`'s last operations, for a Pod that requests the module resource (a container,
+    `ops_in_containers`). Only beside that resource: the profile skips the in-tree node-affinity
+    filter and relies on the extender, which kube-scheduler calls only for Pods that request it."""
+    return _scheduler_ops(spec, defaults.scheduler_name) if defaults.scheduler_name else []
 
 
 #: Where an apps/v1 workload keeps its Pod template, before the paths default_ops writes (/spec/...).

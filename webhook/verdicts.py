@@ -1,7 +1,10 @@
 """Decisions, and the verdicts of new module Pods: judged from their spec, and kept for the spec.
 
 All replicas of a release share their spec in what the webhook reads of it, so a new Pod's verdict
-is kept per spec (KeptVerdicts) and the release's later replicas reuse it.
+is kept per spec (KeptVerdicts) and the release's later replicas reuse it. A new release changes
+its containers (the jar, BIZ_VERSION) and rarely anything else: what the spec outside the
+containers gives (its problems and operations, SpecVerdict) is kept too, per such part, so a new
+version's first Pod has only its containers judged.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import msgspec
 
 from koupleless import model
 from webhook import wire
-from webhook.defaults import Defaults, default_ops
+from webhook.defaults import Defaults, default_ops, ops_in_containers, ops_outside_containers, scheduler_ops
 from webhook.patch import Op, encode
 
 #: Separates problems in a rejection: the message becomes one line of a ReplicaSet event, where a
@@ -66,12 +69,45 @@ class Decision:
         return f"Decision({result!r}, ops={ops!r}, warnings={warnings!r}, message={message!r}, code={code!r})"
 
 
-class KeptVerdicts:
-    """Verdicts of new Pods by spec (and DaemonSet ownership), for one Defaults at a time: a
-    process has one, and a key of bytes alone is hashed once (bytes keep their hash), where a
-    Defaults in every key was hashed by Python code at each look-up."""
+class SpecVerdict:
+    """What a new Pod's spec outside its containers adds to its verdict: its problems after the
+    containers' (model.problems_outside_containers), its operations after theirs
+    (defaults.ops_outside_containers), and the scheduler operations that follow when a container
+    requests the module resource. Shared between requests: never changed once made."""
 
-    __slots__ = ("defaults", "kept", "seen_once")
+    __slots__ = ("ops", "problems", "scheduler_ops")
+
+    def __init__(self, spec: Mapping[str, Any], defaults: Defaults, daemonset_owned: bool) -> None:
+        self.problems: Final = model.problems_outside_containers(spec, daemonset_owned=daemonset_owned)
+        self.ops: Final = ops_outside_containers(spec, defaults, daemonset_owned=daemonset_owned)
+        self.scheduler_ops: Final = scheduler_ops(spec, defaults)
+
+    def judge(self, containers: Any) -> Decision:
+        """The verdict of the Pod with these `spec.containers`: judge_new_pod's, in parts."""
+        problems = model.problems_in_containers(containers)
+        if not problems and not self.problems:  # the usual case, without two list scans
+            return Decision("patched" if (ops := self._ops(containers)) else "allowed", ops=ops)
+        problems += self.problems
+        errors = model.errors(problems)
+        if errors:
+            return deny(errors)
+        return allow(self._ops(containers), model.warnings(problems))
+
+    def _ops(self, containers: Any) -> list[Op]:
+        ops, requests_module = ops_in_containers(containers)
+        ops += self.ops
+        if requests_module:
+            ops += self.scheduler_ops
+        return ops
+
+
+class KeptVerdicts:
+    """Verdicts of new Pods by spec (and DaemonSet ownership), and SpecVerdicts by the spec outside
+    its containers (and ownership), for one Defaults at a time: a process has one, and a key of
+    bytes alone is hashed once (bytes keep their hash), where a Defaults in every key was hashed by
+    Python code at each look-up."""
+
+    __slots__ = ("defaults", "kept", "parts", "parts_seen_once", "seen_once")
 
     def __init__(self) -> None:
         self.defaults: Defaults | None = None
@@ -79,12 +115,16 @@ class KeptVerdicts:
         #: Keys of specs judged once and not yet kept: a verdict is kept from its spec's second
         #: sighting on. Bytes, nothing the garbage collector walks, unlike a kept verdict's ops.
         self.seen_once: set[bytes] = set()
+        self.parts: dict[bytes, SpecVerdict] = {}
+        self.parts_seen_once: set[bytes] = set()
 
     def use(self, defaults: Defaults) -> None:
         """Verdicts made under other defaults do not apply: forget them."""
         if defaults != self.defaults:
             self.kept.clear()
             self.seen_once.clear()
+            self.parts.clear()
+            self.parts_seen_once.clear()
             self.defaults = defaults
 
 
@@ -106,8 +146,9 @@ def decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
     """A new module Pod's verdict depends on its spec and on whether a DaemonSet owns it (its
     metadata.ownerReferences, model.owned_by_daemonset), and all replicas of a release share that
     spec byte for byte in what the webhook reads of it (webhook.wire declares no volumes, mounts or
-    names): one verdict per distinct spec and ownership is kept, from the spec's second Pod on.
-    Raises wire.DecodeError when a part left undecoded does not decode."""
+    names): one verdict per distinct spec and ownership is kept, from the spec's second Pod on, and
+    one SpecVerdict per distinct spec outside the containers. Raises wire.DecodeError when a part
+    left undecoded does not decode."""
     spec = pod.get("spec")
     daemonset_owned = model.owned_by_daemonset(pod)
     if not isinstance(spec, dict):
@@ -115,33 +156,45 @@ def decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
     cache = _VERDICTS
     if defaults is not cache.defaults:
         cache.use(defaults)
-    key = _JSON.encode((daemonset_owned, spec))  # Raw parts are copied as they arrived
+    outside = dict(spec)
+    # The rules treat an absent `containers` as null, so the key may too.
+    containers = outside.pop("containers", None)
+    outside_key = _JSON.encode((daemonset_owned, outside))  # Raw parts are copied as they arrived
+    # Each JSON value ends where it ends, so the two side by side still tell every spec apart.
+    key = _JSON.encode(containers) + outside_key
     verdict = cache.kept.get(key)
     if verdict is not None:
         VERDICT_COUNTS.reused += 1
-    else:
-        VERDICT_COUNTS.judged += 1
-        decoded = dict(spec)
+        return verdict
+    VERDICT_COUNTS.judged += 1
+    part = cache.parts.get(outside_key)
+    if part is None:
         for name in wire.RAW_SPEC_FIELDS:
-            value = decoded.get(name)
+            value = outside.get(name)
             if isinstance(value, wire.Raw):
-                decoded[name] = wire.decode(value)
-        verdict = judge_new_pod({"spec": decoded}, defaults, daemonset_owned)
-        if len(key) <= CACHED_SPEC_BYTES:
-            # Kept once the spec comes back: every replica after a release's second reuses it, and
-            # a stream of one-off specs does not churn the cache (and the collector) with verdicts
-            # nobody asks for again.
-            seen_once = cache.seen_once
-            if key in seen_once:
-                seen_once.discard(key)
-                if len(cache.kept) >= CACHED_SPECS:
-                    cache.kept.clear()  # simpler than LRU order, and as good: releases come in bursts
-                cache.kept[key] = verdict
-            else:
-                if len(seen_once) >= CACHED_SPECS:
-                    seen_once.clear()
-                seen_once.add(key)
+                outside[name] = wire.decode(value)
+        part = SpecVerdict(outside, defaults, daemonset_owned)
+        if len(outside_key) <= CACHED_SPEC_BYTES:
+            _keep_from_second_sighting(cache.parts, cache.parts_seen_once, outside_key, part)
+    verdict = part.judge(containers)
+    if len(key) <= CACHED_SPEC_BYTES:
+        _keep_from_second_sighting(cache.kept, cache.seen_once, key, verdict)
     return verdict
+
+
+def _keep_from_second_sighting(kept: dict[bytes, Any], seen_once: set[bytes], key: bytes, value: Any) -> None:
+    """Kept once the key comes back: every replica after a release's second reuses it, and a stream
+    of one-off specs does not churn the cache (and the collector) with verdicts nobody asks for
+    again. At most CACHED_SPECS of each."""
+    if key in seen_once:
+        seen_once.discard(key)
+        if len(kept) >= CACHED_SPECS:
+            kept.clear()  # simpler than LRU order, and as good: releases come in bursts
+        kept[key] = value
+    else:
+        if len(seen_once) >= CACHED_SPECS:
+            seen_once.clear()
+        seen_once.add(key)
 
 
 def judge_new_pod(pod: Mapping[str, Any], defaults: Defaults, daemonset_owned: bool = False) -> Decision:
