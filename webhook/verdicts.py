@@ -9,7 +9,7 @@ version's first Pod has only its containers judged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -103,20 +103,24 @@ class SpecVerdict:
 
 class KeptVerdicts:
     """Verdicts of new Pods by spec (and DaemonSet ownership), and SpecVerdicts by the spec outside
-    its containers (and ownership), for one Defaults at a time: a process has one, and a key of
-    bytes alone is hashed once (bytes keep their hash), where a Defaults in every key was hashed by
-    Python code at each look-up."""
+    its containers (and ownership), for one Defaults at a time: a process has one, and keys of bytes
+    alone are hashed once (bytes keep their hash), where a Defaults in every key was hashed by Python
+    code at each look-up."""
 
     __slots__ = ("defaults", "kept", "parts", "parts_seen_once", "seen_once")
 
     def __init__(self) -> None:
         self.defaults: Defaults | None = None
-        self.kept: dict[bytes, Decision] = {}
-        #: Keys of specs judged once and not yet kept: a verdict is kept from its spec's second
-        #: sighting on. Bytes, nothing the garbage collector walks, unlike a kept verdict's ops.
-        self.seen_once: set[bytes] = set()
+        #: By spec: the JSON of its containers, and the key of `parts`.
+        self.kept: dict[tuple[bytes, bytes], Decision] = {}
+        #: Hashes of the keys of specs judged once and not yet kept: a verdict is kept from its
+        #: spec's second sighting on. Not the keys themselves: a stream of new specs (a new
+        #: version in every Pod) held CACHED_SPECS of them, a kilobyte each, in memory read for
+        #: nothing but this, which measurably slowed every admission. A key whose hash another
+        #: one seen once shares (1 in 2**64) has its verdict, the same, kept a sighting early.
+        self.seen_once: set[int] = set()
         self.parts: dict[bytes, SpecVerdict] = {}
-        self.parts_seen_once: set[bytes] = set()
+        self.parts_seen_once: set[int] = set()
 
     def use(self, defaults: Defaults) -> None:
         """Verdicts made under other defaults do not apply: forget them."""
@@ -160,8 +164,9 @@ def decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
     # The rules treat an absent `containers` as null, so the key may too.
     containers = outside.pop("containers", None)
     outside_key = _JSON.encode((daemonset_owned, outside))  # Raw parts are copied as they arrived
-    # Each JSON value ends where it ends, so the two side by side still tell every spec apart.
-    key = _JSON.encode(containers) + outside_key
+    # A pair, not one string of bytes: the look-up of `parts` below then reuses the hash of
+    # `outside_key` (bytes keep their hash) instead of hashing it again inside a longer key.
+    key = (_JSON.encode(containers), outside_key)
     verdict = cache.kept.get(key)
     if verdict is not None:
         VERDICT_COUNTS.reused += 1
@@ -177,24 +182,25 @@ def decide_create(pod: Mapping[str, Any], defaults: Defaults) -> Decision:
         if len(outside_key) <= CACHED_SPEC_BYTES:
             _keep_from_second_sighting(cache.parts, cache.parts_seen_once, outside_key, part)
     verdict = part.judge(containers)
-    if len(key) <= CACHED_SPEC_BYTES:
+    if len(key[0]) + len(outside_key) <= CACHED_SPEC_BYTES:
         _keep_from_second_sighting(cache.kept, cache.seen_once, key, verdict)
     return verdict
 
 
-def _keep_from_second_sighting(kept: dict[bytes, Any], seen_once: set[bytes], key: bytes, value: Any) -> None:
+def _keep_from_second_sighting(kept: dict[Any, Any], seen_once: set[int], key: Hashable, value: Any) -> None:
     """Kept once the key comes back: every replica after a release's second reuses it, and a stream
     of one-off specs does not churn the cache (and the collector) with verdicts nobody asks for
     again. At most CACHED_SPECS of each."""
-    if key in seen_once:
-        seen_once.discard(key)
+    seen = hash(key)  # of bytes kept from the look-up that missed
+    if seen in seen_once:
+        seen_once.discard(seen)
         if len(kept) >= CACHED_SPECS:
             kept.clear()  # simpler than LRU order, and as good: releases come in bursts
         kept[key] = value
     else:
         if len(seen_once) >= CACHED_SPECS:
             seen_once.clear()
-        seen_once.add(key)
+        seen_once.add(seen)
 
 
 def judge_new_pod(pod: Mapping[str, Any], defaults: Defaults, daemonset_owned: bool = False) -> Decision:
