@@ -347,6 +347,12 @@ def warnings(problems: Iterable[Problem]) -> list[Problem]:
     return [p for p in problems if p.severity == "warning"]
 
 
+#: A release's versions keep their container names: a look-up, not a regex match, on a new version.
+@functools.lru_cache(maxsize=1024)
+def _is_biz_name(name: str) -> bool:
+    return bool(_BIZ_NAME.match(name)) and len(name) <= 63
+
+
 def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Problem]:
     # The path is written out in each problem, not built first: most containers have none.
     if not isinstance(container, dict):
@@ -356,7 +362,7 @@ def _container_problems(i: int, container: Any, seen: dict[str, int]) -> list[Pr
     image = container.get("image")
     if not isinstance(name, str) or not name:
         out.append(Problem(f"spec.containers[{i}].name", "bizName is required", "set the module's bizName, e.g. biz1"))
-    elif not _BIZ_NAME.match(name) or len(name) > 63:
+    elif not _is_biz_name(name):
         out.append(
             Problem(
                 f"spec.containers[{i}].name",
