@@ -277,13 +277,15 @@ class LossWatch:
         nodes.add_handler(None, node_update, None)
         pods.add_handler(None, None, lambda p: self.deleted.append(p["metadata"]["name"]))
 
-    def report(self, cpu_now: dict[str, float], cpu_then: dict[str, float], since: float) -> str:
-        took = time.monotonic() - since
-        cpu = {k: v - cpu_then.get(k, 0.0) for k, v in cpu_now.items()}
-        shares = ", ".join(f"{k} {v / took:.0%}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
-        why = sorted({r for r in self.not_ready.values()})[:3]
+    def report(self) -> str:
+        why = sorted(set(self.not_ready.values()))[:3]
         return (f"meanwhile: {len(self.not_ready)} Nodes went not Ready ({why}), {len(self.deleted)} module Pods "
-                f"deleted (evicted); CPU share of one core over the {took:.0f}s: {shares}")
+                f"deleted (evicted)")
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
+    """CPU seconds each process used between two cpu_by_process readings."""
+    return ", ".join(f"{k} {v - before.get(k, 0.0):.1f}" for k, v in after.items()) + f" ({os.cpu_count()} CPUs)"
 
 
 async def not_ready_report(client: KubeClient, ns: str, pods: Informer, pod_ready_at: dict[str, float],
@@ -521,7 +523,8 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
                                   f"{total_pods} Pods Ready")
         except SystemExit as exc:
             print("    " + await not_ready_report(client, ns, pods, pod_ready_at, http_port), flush=True)
-            print("    " + losses.report(cpu_by_process(cp, provider.pid or 0), cpu_at_create, t2), flush=True)
+            print(f"    {losses.report()}; CPU seconds used over the {time.monotonic() - t2:.1f}s: "
+                  + cpu_used(cpu_at_create, cpu_by_process(cp, provider.pid or 0)), flush=True)
             raise exc
         modules = have + len(big) * args.containers_per_pod
         whole = time.monotonic() - t2
@@ -530,15 +533,13 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
               f"(target: 5,000 modules Ready <= {TARGET_MODULES_READY_S:g} s from the first create: "
               f"ratio {whole / TARGET_MODULES_READY_S:.2f}"
               + ("" if modules == 5000 else f"; the target is for 5,000, this is {modules}") + ")")
-        print("    " + losses.report(cpu_by_process(cp, provider.pid or 0), cpu_at_create, t2))
+        print("    " + losses.report())
         calls = counter_delta(calls0, counter_sums(http_port, "koupleless_kube_requests_total", "verb"))
         events = counter_delta(events0, counter_sums(http_port, "koupleless_kube_events_total", "outcome"))
-        cpu = {k: v - cpu_at_create.get(k, 0.0) for k, v in cpu_by_process(cp, provider.pid or 0).items()}
         print(f"    this process created the {len(big)} Pods ({args.concurrency} at a time) in {created_in:.1f}s; "
               f"meanwhile the provider's API requests by verb { {k: int(v) for k, v in sorted(calls.items())} }, "
               f"its Events by outcome { {k: int(v) for k, v in sorted(events.items())} }; CPU seconds used over "
-              f"the {whole:.1f}s: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
-              + f" ({os.cpu_count()} CPUs)")
+              f"the {whole:.1f}s: " + cpu_used(cpu_at_create, cpu_by_process(cp, provider.pid or 0)))
 
         rss0, _, cpu0 = proc_stats(provider.pid or 0)
         steady0 = cpu_by_process(cp, provider.pid or 0)
