@@ -295,6 +295,27 @@ def registration_cpu(cp: ControlPlane, ctl: Ours | Reference) -> dict[str, float
     return cpu
 
 
+async def settle(cp: ControlPlane, ctl: Ours | Reference, *, idle_cpu: float = 0.1, window: float = 0.5,
+                 deadline: float = 30.0) -> str:
+    """Wait until the machine is quiet: every process that takes part together used under
+    `idle_cpu` of a core over `window` seconds. A fresh kube-controller-manager, a restarted
+    kube-scheduler and the controller's own start-up still list and sync for a while; measured
+    from a busy start, a registration would be charged for them, and the side with the quicker
+    start (the 3-base registration before it) the more. Returns "" once quiet, else what was busy."""
+    end = time.monotonic() + deadline
+    before = registration_cpu(cp, ctl)
+    while True:
+        await asyncio.sleep(window)  # sampling interval of a CPU-rate reading, not synchronisation
+        now = registration_cpu(cp, ctl)
+        used = {k: v - before.get(k, 0.0) for k, v in now.items()}
+        if sum(used.values()) < idle_cpu * window:
+            return ""
+        if time.monotonic() >= end:
+            busy = sorted(used.items(), key=lambda kv: -kv[1])[:3]
+            return f"not quiet after {deadline:.0f}s (" + ", ".join(f"{k} {v / window:.0%}" for k, v in busy) + " of a core)"
+        before = now
+
+
 def api_requests(cp: ControlPlane) -> dict[str, float]:
     """kube-apiserver's own count of write requests so far, by `VERB resource[/subresource]`."""
     counts: dict[str, float] = {}
@@ -376,6 +397,8 @@ async def one_round(args: argparse.Namespace, cp: ControlPlane, broker: Broker, 
             names = {ctl.node_name(b) for b in fleet.bases}
             explain = key == "bases_many"
             if explain:
+                if busy := await settle(cp, ctl):
+                    print(f"    {ctl.who}: the machine was {busy}; measuring anyway", flush=True)
                 requests_before = await asyncio.to_thread(api_requests, cp)
                 cpu_before = registration_cpu(cp, ctl)
             t0 = time.monotonic()
