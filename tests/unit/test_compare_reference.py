@@ -10,6 +10,7 @@ import pytest
 from bench.compare_reference import (
     OURS,
     REFERENCE,
+    paired_ratios,
     parse_args,
     reference_deployment,
     seed_deployment,
@@ -57,15 +58,43 @@ def test_table_prints_both_sides_and_the_ratio_of_medians() -> None:
     lines = table(results, many=200)
     assert "ours/reference" in lines[0]
     release = row(lines, "release")
-    assert "2.00 [1.00-3.00]" in release and "4.00 [4.00-8.00]" in release and release.endswith(" 0.5")
+    assert "2.00 [1.00-3.00]" in release and "4.00 [4.00-8.00]" in release and " 0.5 " in release
     rss = row(lines, "controller RSS at 200 bases, steady (MiB)")
-    assert "55.00 [50.00-60.00] (1/3 failed)" in rss and rss.endswith(" 0.55")
+    assert "55.00 [50.00-60.00] (1/3 failed)" in rss and " 0.55 " in rss
+
+
+def test_round_by_round_ratios_pair_the_two_sides_of_each_round() -> None:
+    # Round 1 ran on a slow machine for both sides: its ratio is 1, where the medians say 0.5.
+    results = {OURS: {"release": [1.0, 4.0, 1.0, None]}, REFERENCE: {"release": [2.0, 4.0, 2.0, 3.0]}}
+    assert paired_ratios(results[OURS]["release"], results[REFERENCE]["release"]) == [0.5, 1.0, 0.5]
+    release = row(table(results, many=200), "release")
+    assert "0.5 [0.5-1]" in release and release.endswith("<= reference: met")
+
+
+def test_each_figure_says_its_target_and_whether_the_median_met_it() -> None:
+    results = {
+        OURS: {"bases_many": [1.2, 1.3, 1.1], "base_lost": [50.0, 52.0, 51.0]},
+        REFERENCE: {"bases_many": [1.0, 1.2, 1.0], "base_lost": [110.0, 119.0, 118.0]},
+    }
+    lines = table(results, many=200)
+    assert row(lines, "200 bases -> 200 Ready Nodes").endswith("<= reference: NOT met")
+    # Faster than the reference, but over its own 45 s limit.
+    assert row(lines, "base lost").endswith("<= reference and <= 45 s: NOT met")
+    ours_only = table({OURS: {"base_lost": [40.0]}}, many=200)
+    assert row(ours_only, "base lost").endswith("<= 45 s: met")
+    assert row(ours_only, "delete").endswith("-")
+
+
+def test_registration_only_prints_only_the_registrations() -> None:
+    lines = table({OURS: {"bases3": [0.1], "bases_many": [1.0], "release": [None]}}, many=200,
+                  only=("bases3", "bases_many"))
+    assert [line.split(" (s)")[0] for line in lines[1:]] == ["3 bases -> 3 Ready Nodes", "200 bases -> 200 Ready Nodes"]
 
 
 def test_a_figure_the_reference_never_reached_has_no_ratio() -> None:
     lines = table({OURS: {"delete": [0.1]}, REFERENCE: {"delete": [None]}}, many=200)
     delete = row(lines, "delete")
-    assert "- (1/1 failed)" in delete and delete.split()[-1] == "-"
+    assert "- (1/1 failed)" in delete and delete.endswith("<= reference: -")
 
 
 def test_without_the_reference_only_ours_is_printed() -> None:
