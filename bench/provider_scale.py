@@ -225,6 +225,36 @@ def counter_sums(port: int, name: str, label: str) -> dict[str, float]:
     return sums
 
 
+def histogram_totals(text: str, name: str, *want: str) -> tuple[float, float]:
+    """(sum, count) of a Prometheus histogram's series whose labels hold every `want` text."""
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "_sum{", name + "_count{")) and all(w in line for w in want):
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith(name + "_sum{"):
+                total += value
+            else:
+                count += value
+    return total, count
+
+
+def lease_put_latency(cp: ControlPlane, port: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(sum, count) so far of the provider's PUT round trips (its Lease renewals, almost all of its
+    PUTs) and of kube-apiserver's own time on Lease PUTs."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        provider = histogram_totals(resp.read().decode(), "koupleless_kube_request_duration_seconds", 'verb="PUT"')
+    apiserver = histogram_totals(cp.kubectl("get", "--raw", "/metrics").stdout, "apiserver_request_duration_seconds",
+                                 'resource="leases"', 'verb="PUT"')
+    return provider, apiserver
+
+
+def mean_between(before: tuple[float, float], after: tuple[float, float]) -> str:
+    n = after[1] - before[1]
+    return f"{(after[0] - before[0]) / n * 1000:.0f} ms over {n:.0f}" if n > 0 else "none"
+
+
 def apiserver_buckets(cp: ControlPlane, verb: str, resource: str, subresource: str) -> dict[float, float]:
     """kube-apiserver's own apiserver_request_duration_seconds buckets (le -> count) for one kind of
     request: its share of a round trip, without the client, the network or the watch."""
@@ -452,6 +482,7 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
         [
             *provider_command(cp, broker, ENV, "bench-provider", http_port),
             "--workers", str(args.workers), "--kube-qps", str(args.kube_qps), "--log-level", args.provider_log_level,
+            *(["--node-workers", str(args.node_workers)] if args.node_workers else []),
             # --scale-bases (up to 5,000) register within a minute: measure the provider, not its
             # limit on new bases (README: Provider-side base admission).
             "--new-bases-per-minute", "0",
@@ -562,7 +593,8 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
               f"module Pods Ready: {len(pod_ready_at)}/{total_pods}")
         del rss0
         if args.writes_window > 0:
-            await measure_steady_writes(args.writes_window, http_port, len(all_nodes), modules, nodes, pods)
+            await measure_steady_writes(args.writes_window, cp, provider, http_port, len(all_nodes), modules, nodes,
+                                        pods)
     finally:
         await end_phase(fleets, provider, nodes, pods, client, ns, ENV)
 
@@ -596,10 +628,13 @@ def counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 async def measure_steady_writes(
-    window: float, http_port: int, bases: int, modules: int, nodes: Informer, pods: Informer
+    window: float, cp: ControlPlane, provider: ManagedProcess, http_port: int, bases: int, modules: int,
+    nodes: Informer, pods: Informer
 ) -> None:
     """The provider's API writes over `window` seconds with nothing changing (every base Ready,
-    every module Pod Running), per base per minute and by kind, beside kubelet's figure."""
+    every module Pod Running), per base per minute and by kind, beside kubelet's figure; and what
+    bounds the Lease renewals: every process's CPU meanwhile, and a renewal's round trip beside
+    kube-apiserver's own share of it."""
     def settled() -> tuple[int, int]:
         return (sum(not ready(n) for n in nodes.list()),
                 sum(not (ready(p) and (p.get("status") or {}).get("phase") == "Running") for p in pods.list()))
@@ -619,8 +654,12 @@ async def measure_steady_writes(
     writes0 = counter_sums(http_port, "koupleless_provider_api_writes_total", "what")
     calls0 = counter_sums(http_port, "koupleless_kube_requests_total", "verb")
     commands0 = counter_sums(http_port, "koupleless_provider_commands_total", "command")
+    latency0 = await asyncio.to_thread(lease_put_latency, cp, http_port)
+    cpu0 = cpu_by_process(cp, provider.pid or 0)
     w0 = time.monotonic()
     await asyncio.sleep(window)
+    cpu1 = cpu_by_process(cp, provider.pid or 0)
+    latency1 = await asyncio.to_thread(lease_put_latency, cp, http_port)
     writes = counter_delta(writes0, counter_sums(http_port, "koupleless_provider_api_writes_total", "what"))
     calls = counter_delta(calls0, counter_sums(http_port, "koupleless_kube_requests_total", "verb"))
     commands = counter_delta(commands0, counter_sums(http_port, "koupleless_provider_commands_total", "command"))
@@ -641,6 +680,16 @@ async def measure_steady_writes(
     print(f"    commands published in the window: { {k: int(v) for k, v in sorted(commands.items())} }; "
           f"Nodes not Ready / Pods not Running+Ready at start {unsettled0}, at end {unsettled1}; "
           f"window started {drained:.0f}s after [5], once the provider's Event count stood still")
+    seconds = minutes * 60
+    used = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
+    renewals = writes.get("lease", 0.0)
+    print(f"    Lease renewals: one per base every {bases * seconds / renewals:.1f}s (kubelet: every "
+          f"{60 / KUBELET_LEASE_PER_MIN:g}s); a renewal's round trip as the provider saw it "
+          f"{mean_between(latency0[0], latency1[0])}, kube-apiserver's own share {mean_between(latency0[1], latency1[1])}"
+          if renewals else "    Lease renewals: none in the window")
+    print(f"    CPU share of one core in the window ({os.cpu_count()} cores in all): "
+          + ", ".join(f"{k} {v / seconds:.0%}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+          + f"; all together {sum(used.values()) / seconds / (os.cpu_count() or 1):.0%} of the machine")
 
 
 async def hop_round(
@@ -1033,6 +1082,8 @@ def main() -> int:
                         help="parallel creates in the back-to-back hop run (1: one create after the other)")
     parser.add_argument("--workers", type=int, default=32, help="provider --workers")
     parser.add_argument("--kube-qps", type=float, default=400.0, help="provider --kube-qps")
+    parser.add_argument("--node-workers", type=int, default=0,
+                        help="provider --node-workers in the scale phase (0: the provider's default)")
     parser.add_argument("--provider-log-level", default="warning")
     parser.add_argument("--steady-seconds", type=float, default=30.0)
     parser.add_argument("--workdir", default="/tmp/koupleless-bench-provider")
