@@ -23,7 +23,8 @@ from koupleless.kube.events import EventRecorder
 from koupleless.kube.informer import object_key
 from koupleless.kube.lease import parse_micro_time
 from koupleless.kube.workqueue import WorkQueue
-from koupleless.model import Module, is_module_pod, module_from_container, validate_pod, workload
+from koupleless.model import Module, is_module_pod, module_from_container, workload
+from koupleless.model_rules import validate_pod
 from provider.bases import BaseRegistry
 from provider.commands import CommandSender
 from provider.podsource import PodSource

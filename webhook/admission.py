@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from koupleless import keys, model
+from koupleless import keys, model, model_rules
 from webhook import wire
 from webhook.defaults import Defaults, template_ops
 from webhook.verdicts import (
@@ -186,20 +186,20 @@ def _decide_update(pod: Mapping[str, Any], old: Any) -> Decision:
     metadata = pod.get("metadata")
     if isinstance(metadata, dict) and metadata.get("deletionTimestamp"):
         return Decision("allowed")
-    problems = model.validate_pod(pod, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(pod))
+    problems = model_rules.validate_pod(pod, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(pod))
     before = (
         {
             str(p)
-            for p in model.validate_pod(old, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(old))
+            for p in model_rules.validate_pod(old, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(old))
         }
         if isinstance(old, dict) and model.is_module_pod(old)
         else set()
     )
     new = [p for p in problems if str(p) not in before]
-    errors = model.errors(new)
+    errors = model_rules.errors(new)
     if errors:
         return deny(errors)
-    return allow([], model.warnings(new))
+    return allow([], model_rules.warnings(new))
 
 
 #: Appended to a DaemonSet's refusal: why its template is checked here, not on its Pods.
@@ -236,11 +236,11 @@ def _decide_workload(review: Review, defaults: Defaults) -> Decision:
         old = review.field("oldObject")
         if isinstance(old, dict) and module_template_labels(old) is not None:
             old_template = _template(old)
-    problems = model.validate_pod(template, stack_defaulted=True)
+    problems = model_rules.validate_pod(template, stack_defaulted=True)
     if kind == "DaemonSet":
-        refused = [p for p in model.errors(problems) if p.path.startswith(model.AFFINITY_PATH)]
+        refused = [p for p in model_rules.errors(problems) if p.path.startswith(model.AFFINITY_PATH)]
         if refused and old_template is not None:
-            before = {str(p) for p in model.validate_pod(old_template, stack_defaulted=True)}
+            before = {str(p) for p in model_rules.validate_pod(old_template, stack_defaulted=True)}
             refused = [p for p in refused if str(p) not in before]
         if refused:
             message = PROBLEM_SEPARATOR.join(f"spec.template.{p}" for p in refused)
@@ -276,11 +276,11 @@ def _kubectl_ref(kind: Any, workload: Mapping[str, Any], request: Mapping[str, A
 
 
 def _template_warning(
-    problem: model.Problem, template: Mapping[str, Any], old: Mapping[str, Any] | None, ref: str
+    problem: model_rules.Problem, template: Mapping[str, Any], old: Mapping[str, Any] | None, ref: str
 ) -> str:
     """A template problem as a warning. BIZ_VERSION that differs from the jar name's version gets a
     fix as a command line: `kubectl set image` of a new jar keeps the template's BIZ_VERSION."""
-    if problem.code != model.VERSION_MISMATCH:
+    if problem.code != model_rules.VERSION_MISMATCH:
         return f"spec.template.{problem}"
     i = int(problem.path[len("spec.containers[") : problem.path.index("]")])
     container = template["spec"]["containers"][i]

@@ -81,7 +81,7 @@ def eviction_toleration(key: str, seconds: int) -> dict[str, Any]:
 
 
 def default_ops(pod: Mapping[str, Any], defaults: Defaults, *, daemonset_owned: bool = False) -> list[Op]:
-    """Only `spec` is read, and of it only what webhook/wire.py declares (see model.validate_pod).
+    """Only `spec` is read, and of it only what webhook/wire.py declares (see model_rules.validate_pod).
 
     `daemonset_owned` (model.owned_by_daemonset): a DaemonSet's Pod whose node affinity is its
     controller's one node term keeps that term as written (no stack requirement added to it).

@@ -15,7 +15,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from koupleless import model
+from koupleless import model, model_rules
 from webhook import wire
 from webhook.defaults import Defaults, default_ops, ops_in_containers, ops_outside_containers, scheduler_ops
 from webhook.patch import Op, encode
@@ -71,27 +71,27 @@ class Decision:
 
 class SpecVerdict:
     """What a new Pod's spec outside its containers adds to its verdict: its problems after the
-    containers' (model.problems_outside_containers), its operations after theirs
+    containers' (model_rules.problems_outside_containers), its operations after theirs
     (defaults.ops_outside_containers), and the scheduler operations that follow when a container
     requests the module resource. Shared between requests: never changed once made."""
 
     __slots__ = ("ops", "problems", "scheduler_ops")
 
     def __init__(self, spec: Mapping[str, Any], defaults: Defaults, daemonset_owned: bool) -> None:
-        self.problems: Final = model.problems_outside_containers(spec, daemonset_owned=daemonset_owned)
+        self.problems: Final = model_rules.problems_outside_containers(spec, daemonset_owned=daemonset_owned)
         self.ops: Final = ops_outside_containers(spec, defaults, daemonset_owned=daemonset_owned)
         self.scheduler_ops: Final = scheduler_ops(spec, defaults)
 
     def judge(self, containers: Any) -> Decision:
         """The verdict of the Pod with these `spec.containers`: judge_new_pod's, in parts."""
-        problems = model.problems_in_containers(containers)
+        problems = model_rules.problems_in_containers(containers)
         if not problems and not self.problems:  # the usual case, without two list scans
             return Decision("patched" if (ops := self._ops(containers)) else "allowed", ops=ops)
         problems += self.problems
-        errors = model.errors(problems)
+        errors = model_rules.errors(problems)
         if errors:
             return deny(errors)
-        return allow(self._ops(containers), model.warnings(problems))
+        return allow(self._ops(containers), model_rules.warnings(problems))
 
     def _ops(self, containers: Any) -> list[Op]:
         ops, requests_module = ops_in_containers(containers)
@@ -204,19 +204,19 @@ def _keep_from_second_sighting(kept: dict[Any, Any], seen_once: set[int], key: H
 
 
 def judge_new_pod(pod: Mapping[str, Any], defaults: Defaults, daemonset_owned: bool = False) -> Decision:
-    problems = model.validate_pod(pod, stack_defaulted=True, daemonset_owned=daemonset_owned)
+    problems = model_rules.validate_pod(pod, stack_defaulted=True, daemonset_owned=daemonset_owned)
     if not problems:  # the usual case, without two list scans
         ops = default_ops(pod, defaults, daemonset_owned=daemonset_owned)
         return Decision("patched" if ops else "allowed", ops=ops)
-    errors = model.errors(problems)
+    errors = model_rules.errors(problems)
     if errors:
         return deny(errors)
-    return allow(default_ops(pod, defaults, daemonset_owned=daemonset_owned), model.warnings(problems))
+    return allow(default_ops(pod, defaults, daemonset_owned=daemonset_owned), model_rules.warnings(problems))
 
 
-def allow(ops: list[Op], warnings: list[model.Problem]) -> Decision:
+def allow(ops: list[Op], warnings: list[model_rules.Problem]) -> Decision:
     return Decision("patched" if ops else "allowed", ops=ops, warnings=[str(w) for w in warnings])
 
 
-def deny(errors: list[model.Problem]) -> Decision:
+def deny(errors: list[model_rules.Problem]) -> Decision:
     return Decision("denied", message=PROBLEM_SEPARATOR.join(str(e) for e in errors), code=403)

@@ -58,7 +58,8 @@ class Envelope(TypedDict, total=False):
 
 
 class Container(TypedDict, total=False):
-    """What koupleless.model reads of a container (its `_IGNORED_CONTAINER_FIELDS` included)."""
+    """What koupleless.model and koupleless.model_rules read of a container (the rules'
+    `_IGNORED_CONTAINER_FIELDS` included)."""
 
     name: Any
     image: Any
@@ -73,7 +74,7 @@ class Container(TypedDict, total=False):
 
 
 class PodSpec(TypedDict, total=False):
-    """What koupleless.model.validate_pod and webhook.defaults.default_ops read of a Pod's spec."""
+    """What koupleless.model_rules.validate_pod and webhook.defaults.default_ops read of a Pod's spec."""
 
     containers: list[Container]
     affinity: msgspec.Raw

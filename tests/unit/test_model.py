@@ -11,16 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from koupleless import keys
-from koupleless.model import (
-    AFFINITY_PATH,
-    ModuleSpec,
-    _jar_url,
-    errors,
-    infer_from_jar,
-    is_module_pod,
-    validate_pod,
-    warnings,
-)
+from koupleless.model import AFFINITY_PATH, ModuleSpec, _jar_url, infer_from_jar, is_module_pod
+from koupleless.model_rules import errors, validate_pod, warnings
 
 SEED_JAR = (
     "https://serverless-opensource.oss-cn-shanghai.aliyuncs.com/module-packages/stable/"

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from koupleless import keys, model
+from koupleless import keys, model, model_rules
 from tests import strategies
 from tests.unit.webhook.samples import SEED_JAR, daemonset_pod, review, seed_pod
 from webhook.admission import (
@@ -367,13 +367,13 @@ def test_every_error_is_one_item_of_the_rejection(doc: dict[str, Any]) -> None:
     if decision.result == "denied":
         obj = doc["request"]["object"]
         if workload_of(doc["request"]):  # a DaemonSet whose template selects no bases
-            errors = model.errors(model.validate_pod(obj["spec"]["template"], stack_defaulted=True))
+            errors = model_rules.errors(model_rules.validate_pod(obj["spec"]["template"], stack_defaulted=True))
             wanted = [f"spec.template.{e}" for e in errors if e.path.startswith(model.AFFINITY_PATH)]
             problems = decision.message.removesuffix(" " + DAEMONSET_AFFINITY_NOTE).split("; ")
             assert problems == wanted or doc["request"]["operation"] == "UPDATE"
             return
-        errors = model.errors(
-            model.validate_pod(obj, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(obj))
+        errors = model_rules.errors(
+            model_rules.validate_pod(obj, stack_defaulted=True, daemonset_owned=model.owned_by_daemonset(obj))
         )
         if doc["request"]["operation"] == "CREATE":
             assert decision.message.split("; ") == [str(e) for e in errors]

@@ -13,7 +13,7 @@ import jsonpatch
 import orjson
 import pytest
 
-from koupleless import keys, model
+from koupleless import keys, model_rules
 from tests.unit.webhook.samples import SEED_DAEMONSET, SEED_DEPLOYMENT, SEED_JAR, review
 from webhook.admission import decide, parse_review, response_document
 from webhook.defaults import Defaults
@@ -292,7 +292,7 @@ def test_warnings_about_the_template_are_the_pod_rules_with_the_template_path() 
     deploy = seed_deployment()
     template_spec(deploy)["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/", "port": 8080}}
     _, warnings = admitted(deploy)
-    problems = model.validate_pod(deploy["spec"]["template"], stack_defaulted=True)
+    problems = model_rules.validate_pod(deploy["spec"]["template"], stack_defaulted=True)
     assert [w for w in warnings if w.startswith("spec.template.spec.containers")][: len(problems)] == [
         f"spec.template.{p}" for p in problems
     ]
