@@ -3,7 +3,8 @@
 Wire-compatible with koupleless runtime's arklet-tunnel-mqtt (reference §2). Everything a base sends
 is network input: parsing never trusts a shape and raises `ArkletError` naming the field path, what
 is wrong and what a base should send instead. Commands to a base carry no envelope; everything a
-base publishes is wrapped as `{"publishTimestamp": <epoch ms>, "data": ...}`.
+base publishes is wrapped as `{"publishTimestamp": <epoch ms>, "data": ...}`. The data a base
+publishes is built by koupleless.arklet_base_payloads (for the simulated bases and tests).
 
 This module knows nothing about Kubernetes or about the MQTT client: it turns bytes into dataclasses
 and back.
@@ -40,6 +41,8 @@ CMD_INSTALL_BIZ: Final = "installBiz"
 CMD_UNINSTALL_BIZ: Final = "uninstallBiz"
 CMD_BASELINE: Final = "base/baseline"
 COMMANDS: Final = frozenset({CMD_HEALTH, CMD_QUERY_ALL_BIZ, CMD_INSTALL_BIZ, CMD_UNINSTALL_BIZ, CMD_BASELINE})
+#: The command name a batchInstallBizResponse carries (what arklet turns a baseline into).
+BATCH_INSTALL_COMMAND: Final = "batchInstallBiz"
 
 # --- states and codes -----------------------------------------------------------------------------
 #: SOFAArk BizState (arklet sends them lower case; compare upper-cased).
@@ -534,118 +537,6 @@ def parse_biz_model(payload: bytes) -> BizModel:
         )
     extra = {k: v for k, v in obj.items() if k not in ("bizName", "bizVersion", "bizUrl")}
     return BizModel(name, version, url, extra)
-
-
-# --- base-side encoders (base-sim speaks through these; tests use them to forge messages) ----------
-
-
-def simple_biz_item(status: BizStatus) -> dict[str, Any]:
-    return {
-        "name": status.name,
-        "version": status.version,
-        "state": status.state.lower(),
-        "latestStateRecord": {
-            "changeTime": status.change_time_ms,
-            "state": status.state,
-            "reason": status.reason or None,
-            "message": status.message or None,
-        },
-    }
-
-
-def biz_operation_data(
-    command: str,
-    model: BizModel,
-    code: str,
-    message: str = "",
-    biz_state: str = "",
-    elapsed: int = 0,
-    *,
-    installed: BizModel | None = None,
-    detail_code: str = "",
-) -> dict[str, Any]:
-    """A bizOperation reply. The top level echoes the request (`model`); for an install,
-    `data.bizInfos[0]` names what the base actually installed (`installed`, default the request:
-    arklet reads the version from the jar, which may differ from the one asked for).
-    `detail_code` is SOFAArk's own code in `data.code` (e.g. REPEAT_BIZ), default `code`."""
-    inner: dict[str, Any] = {"code": detail_code or code, "message": message}
-    if command == CMD_INSTALL_BIZ:
-        biz = installed or model
-        inner["elapsedSpace"] = elapsed
-        inner["bizInfos"] = [biz_info(biz, biz_state)] if biz_state else []
-    return {
-        "command": command,
-        "bizName": model.biz_name,
-        "bizVersion": model.biz_version,
-        "response": {"code": code, "message": message if code != CODE_SUCCESS else "", "data": inner},
-    }
-
-
-def biz_info(model: BizModel, biz_state: str) -> dict[str, str]:
-    """One `bizInfos` item: a biz as SOFAArk describes it after an install."""
-    return {"bizName": model.biz_name, "bizVersion": model.biz_version, "bizState": biz_state.lower()}
-
-
-#: The command name a batchInstallBizResponse carries (what arklet turns a baseline into).
-BATCH_INSTALL_COMMAND: Final = "batchInstallBiz"
-
-
-def batch_install_entry(
-    code: str, message: str = "", installed: BizModel | None = None, biz_state: str = ""
-) -> dict[str, Any]:
-    """One `bizUrlToResponse` value: how installing one baseline jar went."""
-    return {
-        "code": code,
-        "message": message,
-        "bizInfos": [biz_info(installed, biz_state)] if installed is not None and biz_state else [],
-    }
-
-
-def batch_install_response_data(entries: Mapping[str, Mapping[str, Any]], elapsed: int = 0) -> dict[str, Any]:
-    """A batchInstallBizResponse (the answer to a baseline): `entries` maps each bizUrl to its
-    `batch_install_entry`. The batch succeeds only if every entry did, as in arklet."""
-    ok = all(e.get("code") == CODE_SUCCESS for e in entries.values())
-    code = CODE_SUCCESS if ok else CODE_FAILED
-    message = "" if ok else "batch install biz not all succeeded"
-    return {
-        "command": BATCH_INSTALL_COMMAND,
-        "response": {
-            "code": code,
-            "message": message,
-            "data": {
-                "code": code,
-                "message": message,
-                "elapsedSpace": elapsed,
-                "bizUrlToResponse": {url: dict(e) for url, e in entries.items()},
-            },
-        },
-    }
-
-
-def health_data(
-    memory_mb: int,
-    cpu_count: int,
-    run_time_s: float,
-    master_state: str = ACTIVATED,
-    master_name: str = "base",
-    *,
-    metrics: bool = True,
-) -> dict[str, Any]:
-    """A health answer. `metrics=False` leaves out `jvm` and `cpu`, as arklet's first answer after
-    a start does (it registers those indicators only once its tunnel is connected)."""
-    health: dict[str, Any] = {}
-    if metrics:
-        health["jvm"] = {
-            "max memory(M)": memory_mb,
-            "total memory(M)": memory_mb // 2,
-            "free memory(M)": memory_mb // 4,
-            "run time(s)": run_time_s,
-            "java max metaspace": -1,
-            "java committed metaspace": 64 * 1024 * 1024,
-        }
-        health["cpu"] = {"count": cpu_count, "type": "sim", "total used (%)": 1.0, "free (%)": 99.0}
-    health["masterBizInfo"] = {"bizName": master_name, "bizState": master_state.lower(), "bizVersion": ""}
-    return {"code": CODE_SUCCESS, "message": "", "data": {"healthData": health}}
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from typing import Any
 import orjson
 from paho.mqtt.client import MQTTMessageInfo
 
-from koupleless import arklet
+from koupleless import arklet, arklet_base_payloads
 from koupleless.model import infer_from_jar
 from provider import basesim_dialects as dialects
 from provider.tunnel import BrokerOptions, MqttTunnel
@@ -473,7 +473,7 @@ class BaseSimulator:
         first = base.health_answers == 0
         base.health_answers += 1
         run_time = time.monotonic() - base.started_at
-        data = arklet.health_data(
+        data = arklet_base_payloads.health_data(
             self.memory_mb, self.cpus, run_time, master_name=base.name,
             metrics=not (self.late_health_metrics and first),
         )
@@ -503,8 +503,8 @@ class BaseSimulator:
         entries = {}
         for model in models:
             out = self._perform_install(base, model)
-            entries[model.biz_url] = arklet.batch_install_entry(out.code, out.message, out.installed, out.biz_state)
-        self._publish(base, arklet.BATCH_INSTALL_RESPONSE, arklet.batch_install_response_data(entries, elapsed=1024))
+            entries[model.biz_url] = arklet_base_payloads.batch_install_entry(out.code, out.message, out.installed, out.biz_state)
+        self._publish(base, arklet.BATCH_INSTALL_RESPONSE, arklet_base_payloads.batch_install_response_data(entries, elapsed=1024))
 
     def installed_as(self, model: arklet.BizModel) -> arklet.BizModel | None:
         """The biz a jar installs as: the requested name, and the version from the jar's name when
@@ -560,7 +560,7 @@ class BaseSimulator:
 
     def _install(self, base: SimBase, model: arklet.BizModel) -> None:
         out = self._perform_install(base, model)
-        data = arklet.biz_operation_data(
+        data = arklet_base_payloads.biz_operation_data(
             arklet.CMD_INSTALL_BIZ, model, out.code, out.message, biz_state=out.biz_state,
             elapsed=1024 if out.code == arklet.CODE_SUCCESS else 0,
             installed=out.installed, detail_code=out.detail_code,
@@ -572,10 +572,10 @@ class BaseSimulator:
         if base.modules.pop(model.key, None) is None:
             msg = f"{NOT_FOUND_BIZ}: biz {model.key} not found"
             self._publish_reply(
-                base, arklet.biz_operation_data(cmd, model, arklet.CODE_FAILED, msg, detail_code=NOT_FOUND_BIZ),
+                base, arklet_base_payloads.biz_operation_data(cmd, model, arklet.CODE_FAILED, msg, detail_code=NOT_FOUND_BIZ),
             )
             return
-        self._publish_reply(base, arklet.biz_operation_data(cmd, model, arklet.CODE_SUCCESS))
+        self._publish_reply(base, arklet_base_payloads.biz_operation_data(cmd, model, arklet.CODE_SUCCESS))
 
 
 def base_metadata_wire(base: SimBase) -> dict[str, str]:

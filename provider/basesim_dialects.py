@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from koupleless import arklet
+from koupleless import arklet, arklet_base_payloads
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +82,12 @@ def inventory(dialect: Dialect, modules: list[arklet.BizStatus]) -> tuple[str, A
     """(topic kind, data) of a queryAllBiz answer."""
     if dialect.inventory_topic == arklet.BIZ:
         return arklet.BIZ, {"code": arklet.CODE_SUCCESS, "message": "", "data": [ark_biz_info(m) for m in modules]}
-    return arklet.SIMPLE_BIZ, [arklet.simple_biz_item(m) for m in modules]
+    return arklet.SIMPLE_BIZ, [arklet_base_payloads.simple_biz_item(m) for m in modules]
 
 
 def operation_reply(dialect: Dialect, data: dict[str, Any]) -> dict[str, Any] | None:
     """What this dialect publishes on base/bizOperation for a reply of the current shape (see
-    arklet.biz_operation_data); None when it answers with its full module list instead."""
+    arklet_base_payloads.biz_operation_data); None when it answers with its full module list instead."""
     ok = data["response"]["code"] == arklet.CODE_SUCCESS
     if ok and not dialect.success_replies:
         return None

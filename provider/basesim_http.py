@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from koupleless import arklet
+from koupleless import arklet, arklet_base_payloads
 from provider.basesim import NOT_FOUND_BIZ, BaseSimulator, SimBase
 from provider.tunnel import BrokerOptions
 
@@ -164,7 +164,7 @@ class HttpBaseSimulator(BaseSimulator):
         if not base.alive or base.generation != generation:
             return _dead(request)  # the JVM died during the install: no answer
         out = self._perform_install(base, model)
-        reply = arklet.biz_operation_data(
+        reply = arklet_base_payloads.biz_operation_data(
             arklet.CMD_INSTALL_BIZ, model, out.code, out.message, biz_state=out.biz_state,
             elapsed=1024 if out.code == arklet.CODE_SUCCESS else 0, installed=out.installed,
             detail_code=out.detail_code,
@@ -174,7 +174,7 @@ class HttpBaseSimulator(BaseSimulator):
     def _health(self, base: SimBase) -> web.Response:
         first = base.health_answers == 0
         base.health_answers += 1
-        data = arklet.health_data(self.memory_mb, self.cpus, time.monotonic() - base.started_at,
+        data = arklet_base_payloads.health_data(self.memory_mb, self.cpus, time.monotonic() - base.started_at,
                                   master_name=base.name, metrics=not (self.late_health_metrics and first))
         return self._answer(base, data["code"], data["message"], data["data"])
 

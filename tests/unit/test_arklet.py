@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from koupleless import arklet
+from koupleless import arklet, arklet_base_payloads
 
 REAL_HEART = (
     b'{"publishTimestamp":1726000000000,"data":{"baseMetadata":{"identity":"10.1.0.45","name":"base",'
@@ -123,15 +123,15 @@ def test_install_failure_carries_the_base_message() -> None:
     assert "java.io.FileNotFoundException: biz1.jar" in op.message
     # and what base-sim publishes parses the same way
     model = arklet.BizModel("biz1", "0.0.1", "https://h/biz1.jar")
-    sim = arklet.biz_operation_data(arklet.CMD_INSTALL_BIZ, model, "FAILED", "disk full")
+    sim = arklet_base_payloads.biz_operation_data(arklet.CMD_INSTALL_BIZ, model, "FAILED", "disk full")
     assert arklet.parse_biz_operation(sim).message == "disk full"
-    ok = arklet.biz_operation_data(arklet.CMD_INSTALL_BIZ, model, "SUCCESS", biz_state="ACTIVATED")
+    ok = arklet_base_payloads.biz_operation_data(arklet.CMD_INSTALL_BIZ, model, "SUCCESS", biz_state="ACTIVATED")
     parsed = arklet.parse_biz_operation(ok)
     assert parsed.success and parsed.biz_state == "ACTIVATED"
 
 
 def test_health_report() -> None:
-    report = arklet.parse_health(arklet.health_data(memory_mb=2048, cpu_count=4, run_time_s=12.5))
+    report = arklet.parse_health(arklet_base_payloads.health_data(memory_mb=2048, cpu_count=4, run_time_s=12.5))
     assert report.ok
     assert report.memory_bytes == 2048 * 1024 * 1024
     assert report.cpu_count == 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from koupleless import arklet, arklet_replies
+from koupleless import arklet, arklet_base_payloads, arklet_replies
 
 UUID = "3f2b8c1e-9d4a-4c7e-8b1f-2a6d5e9c0f13"
 #: runtime 1.3.0 / 2.1.5: no baseMetadata, the base named only by its topic.
@@ -93,9 +93,9 @@ def test_query_baseline_carries_base_metadata() -> None:
 
 def test_batch_install_response_entries() -> None:
     v1 = arklet.BizModel("biz1", "0.0.1", "https://h/biz1.jar")
-    data = arklet.batch_install_response_data({
-        "https://h/biz1.jar": arklet.batch_install_entry(arklet.CODE_SUCCESS, "", v1, arklet.ACTIVATED),
-        "https://h/biz2.jar": arklet.batch_install_entry(arklet.CODE_FAILED, "REPEAT_BIZ: biz2:0.0.1 installed"),
+    data = arklet_base_payloads.batch_install_response_data({
+        "https://h/biz1.jar": arklet_base_payloads.batch_install_entry(arklet.CODE_SUCCESS, "", v1, arklet.ACTIVATED),
+        "https://h/biz2.jar": arklet_base_payloads.batch_install_entry(arklet.CODE_FAILED, "REPEAT_BIZ: biz2:0.0.1 installed"),
     })
     payload = arklet.encode_envelope(data, 7)
     entries = arklet_replies.parse_batch_install_response(

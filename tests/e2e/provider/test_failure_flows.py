@@ -11,7 +11,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from koupleless import arklet, keys
+from koupleless import arklet, arklet_base_payloads, keys
 from tests.e2e.provider.conftest import System
 from tests.e2e.provider.modules import base_of, describe, pods, running_ready, sample_deployment
 from tests.helpers import wait_until
@@ -209,7 +209,7 @@ def test_bad_mqtt_input_is_counted_and_changes_nothing(system: System, namespace
     good = {"baseMetadata": {"identity": base_id, "name": "base", "version": "1.1.1", "clusterName": "base"},
             "localIP": "10.0.0.1", "localHostName": "x", "port": 0, "state": "activated"}
     imposter = dict(good, baseMetadata=dict(good["baseMetadata"], identity="someone-else"))
-    replayed_install = arklet.biz_operation_data(
+    replayed_install = arklet_base_payloads.biz_operation_data(
         arklet.CMD_INSTALL_BIZ, arklet.BizModel("biz1", "0.0.1-SNAPSHOT", "u"), "FAILED", "replayed")
     bad: list[tuple[str, bytes]] = [
         (heart, b"not json at all"),

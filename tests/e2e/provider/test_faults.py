@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane
-from koupleless import arklet, keys
+from koupleless import arklet, arklet_base_payloads, keys
 from tests.e2e.phasewatch import NodeWatch, admin_ssl_context, api_request
 from tests.e2e.provider.conftest import Sim, System, node_ready
 from tests.e2e.provider.modules import (
@@ -467,7 +467,7 @@ def test_partitioned_base_past_eviction_then_healed_keeps_copies_equal_to_replic
 
 def _repeat_biz_reply(model: arklet.BizModel) -> bytes:
     """What arklet answers an installBiz of a name:version it already has."""
-    data = arklet.biz_operation_data(arklet.CMD_INSTALL_BIZ, model, arklet.CODE_FAILED,
+    data = arklet_base_payloads.biz_operation_data(arklet.CMD_INSTALL_BIZ, model, arklet.CODE_FAILED,
                                      f"REPEAT_BIZ: biz {model.key} has been installed")
     data["response"]["data"]["code"] = "REPEAT_BIZ"
     return arklet.encode_envelope(data, arklet.now_ms())
@@ -516,7 +516,7 @@ def test_lying_messages_converge_within_a_resync(system: System, namespace: str,
             wait_live_ready(system, namespace, 1)
             if fault == "replayed-uninstall-reply":
                 # a stray uninstallBiz SUCCESS for the module the base is running
-                data = arklet.biz_operation_data(arklet.CMD_UNINSTALL_BIZ, BIZ1, arklet.CODE_SUCCESS)
+                data = arklet_base_payloads.biz_operation_data(arklet.CMD_UNINSTALL_BIZ, BIZ1, arklet.CODE_SUCCESS)
                 wire.publish(arklet.topic(env, base_id, arklet.BIZ_OPERATION),
                              arklet.encode_envelope(data, arklet.now_ms()))
             else:

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from koupleless import arklet, keys
+from koupleless import arklet, arklet_base_payloads, keys
 from koupleless.kube.client import ApiError
 from provider.controller import Provider, ProviderOptions
 from provider.state import BaseState
@@ -133,13 +133,13 @@ class Rig:
         self.say(base_id, arklet.HEART, hb, ts)
 
     def inventory(self, base_id: str = "b1", *mods: tuple[str, str]) -> None:
-        items = [arklet.simple_biz_item(arklet.BizStatus(n, v, arklet.ACTIVATED, 1)) for n, v in mods]
+        items = [arklet_base_payloads.simple_biz_item(arklet.BizStatus(n, v, arklet.ACTIVATED, 1)) for n, v in mods]
         self.say(base_id, arklet.SIMPLE_BIZ, items)
 
     def reply(self, command: str, name: str, version: str, code: str = "SUCCESS", message: str = "",
               installed_version: str | None = None, base_id: str = "b1") -> None:
         model = arklet.BizModel(name, version, URL1)
-        data = arklet.biz_operation_data(command, model, code, message, biz_state="ACTIVATED" if code == "SUCCESS" else "")
+        data = arklet_base_payloads.biz_operation_data(command, model, code, message, biz_state="ACTIVATED" if code == "SUCCESS" else "")
         if installed_version is not None:
             data["response"]["data"]["bizInfos"][0]["bizVersion"] = installed_version
         self.say(base_id, arklet.BIZ_OPERATION, data)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from koupleless import arklet, keys
+from koupleless import arklet, arklet_base_payloads, keys
 from provider import vnode
 from provider.bases import LEGACY_HEARTBEAT_MAX_S
 from tests.unit.provider.rig import ENV, URL1, URL2, Rig, ready
@@ -145,7 +145,7 @@ async def test_a_restarted_base_is_whole_again_from_its_baseline_with_no_install
     await rig.settle()
     rig.reply(INSTALL, "biz1", "0.0.1")
     model2 = arklet.BizModel("biz2", "0.0.1", "https://h/biz2-0.0.1-ark-biz.jar")
-    rig.say("b1", arklet.BIZ_OPERATION, arklet.biz_operation_data(INSTALL, model2, "SUCCESS", biz_state="ACTIVATED"))
+    rig.say("b1", arklet.BIZ_OPERATION, arklet_base_payloads.biz_operation_data(INSTALL, model2, "SUCCESS", biz_state="ACTIVATED"))
     await rig.settle()
     assert ready(rig.pod("p")) and ready(rig.pod("q"))
     installs = len(rig.tunnel.commands(INSTALL))
@@ -163,9 +163,9 @@ async def test_a_restarted_base_is_whole_again_from_its_baseline_with_no_install
     assert not ready(rig.pod("p"))
 
     v1 = arklet.BizModel("biz1", "0.0.1", URL1)
-    rig.say("b1", arklet.BATCH_INSTALL_RESPONSE, arklet.batch_install_response_data({
-        URL1: arklet.batch_install_entry(arklet.CODE_SUCCESS, "", v1, arklet.ACTIVATED),
-        model2.biz_url: arklet.batch_install_entry(arklet.CODE_SUCCESS, "", model2, arklet.ACTIVATED),
+    rig.say("b1", arklet.BATCH_INSTALL_RESPONSE, arklet_base_payloads.batch_install_response_data({
+        URL1: arklet_base_payloads.batch_install_entry(arklet.CODE_SUCCESS, "", v1, arklet.ACTIVATED),
+        model2.biz_url: arklet_base_payloads.batch_install_entry(arklet.CODE_SUCCESS, "", model2, arklet.ACTIVATED),
     }))
     await rig.settle()
     assert ready(rig.pod("p")) and ready(rig.pod("q"))

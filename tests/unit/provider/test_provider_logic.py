@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from koupleless import arklet, keys
+from koupleless import arklet, arklet_base_payloads, keys
 from koupleless.model import Module
 from provider import vnode
 from provider.podstatus import compute_status, status_changed
@@ -117,7 +117,7 @@ def heart(ts: int, state: str = "activated", ip: str = "10.0.0.1") -> bytes:
 
 def op(ts: int, command: str, code: str = "SUCCESS") -> bytes:
     model = arklet.BizModel("biz1", "0.0.1", URL)
-    return arklet.encode_envelope(arklet.biz_operation_data(command, model, code, biz_state="ACTIVATED"), ts)
+    return arklet.encode_envelope(arklet_base_payloads.biz_operation_data(command, model, code, biz_state="ACTIVATED"), ts)
 
 
 T = "koupleless_dev/b1/base/"
@@ -224,9 +224,9 @@ def test_health_without_jvm_figures_asks_again_and_keeps_what_was_known() -> Non
     rig.online()
     asked: list[str] = []
     rig.provider.health_incomplete = lambda base: asked.append(base.base_id)  # type: ignore[method-assign]
-    full = arklet.health_data(2048, 8, 5.0)
+    full = arklet_base_payloads.health_data(2048, 8, 5.0)
     rig.say("b1", arklet.BASE_HEALTH, full)
-    partial = arklet.health_data(2048, 8, 6.0)
+    partial = arklet_base_payloads.health_data(2048, 8, 6.0)
     del partial["data"]["healthData"]["jvm"], partial["data"]["healthData"]["cpu"]
     rig.say("b1", arklet.BASE_HEALTH, partial)
     health = rig.base().health

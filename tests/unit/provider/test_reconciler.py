@@ -3,7 +3,7 @@ lost, late, duplicated, replayed or wrong still ends in the state a user expects
 
 from __future__ import annotations
 
-from koupleless import arklet
+from koupleless import arklet, arklet_base_payloads
 from tests.unit.provider.rig import URL1, URL2, Rig, ready
 
 INSTALL, UNINSTALL = arklet.CMD_INSTALL_BIZ, arklet.CMD_UNINSTALL_BIZ
@@ -244,8 +244,8 @@ async def test_phase_never_goes_back_while_a_restarted_base_reinstalls() -> None
     [baseline] = rig.tunnel.commands(arklet.CMD_BASELINE)
     assert baseline == [{"bizName": "biz1", "bizVersion": "0.0.1", "bizUrl": URL1}]
     model = arklet.BizModel("biz1", "0.0.1", URL1)
-    rig.say("b1", arklet.BATCH_INSTALL_RESPONSE, arklet.batch_install_response_data(
-        {URL1: arklet.batch_install_entry(arklet.CODE_SUCCESS, "", model, arklet.ACTIVATED)}))
+    rig.say("b1", arklet.BATCH_INSTALL_RESPONSE, arklet_base_payloads.batch_install_response_data(
+        {URL1: arklet_base_payloads.batch_install_entry(arklet.CODE_SUCCESS, "", model, arklet.ACTIVATED)}))
     await rig.settle()
     assert ready(rig.pod("p"))
     assert "Pending" not in rig.phases("p")[rig.phases("p").index("Running"):]
