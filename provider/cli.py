@@ -81,10 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=16, help="concurrent Pod syncs (default 16)")
     parser.add_argument(
-        "--node-workers", type=int, default=512,
-        help="concurrent Node syncs (default 512). Each base's Lease renewal is one, every 10 s, so this must "
-        "exceed bases / 10 x a renewal's round trip in seconds (512: 5,000 bases at 1 s), or renewals fall "
-        "behind and healthy bases go NotReady",
+        "--node-workers", type=int, default=128,
+        help="concurrent Node syncs (default 128). Each base's Lease renewal is one, every 10 s, so this must "
+        "exceed bases / 10 x the API server's write latency in seconds (128: 5,000 bases at 250 ms), or "
+        "renewals fall behind and healthy bases go NotReady",
     )
     parser.add_argument(
         "--kube-qps", type=float, default=200.0,

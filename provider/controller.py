@@ -70,7 +70,7 @@ class ProviderOptions:
     workers: int = 16
     #: Node syncs at once. Every base's Lease renewal is one (a base every 10 s), so they must cover
     #: bases / 10 s x the API server's write latency: 128 is 5,000 bases at 250 ms a write.
-    node_workers: int = 512
+    node_workers: int = 128
     admission: AdmissionOptions = field(default_factory=AdmissionOptions)
     #: arklet's HTTP tunnel beside MQTT (None: off), and its bases' heartbeat period (arklet: 12 s).
     http_tunnel: HttpTunnelSettings | None = None

@@ -129,7 +129,7 @@ def test_node_workers_flag_sizes_the_node_queue_apart_from_pod_syncs() -> None:
     opts = cli.options_from_args(parser.parse_args(["--mqtt-broker", "127.0.0.1:1883", "--workers", "4"]))
     provider = Provider(FakeLeases(), BrokerOptions("127.0.0.1", 1), opts)  # type: ignore[arg-type]
     # Lease renewals of thousands of bases must not share the Pod syncs' few workers.
-    assert provider.node_reconciler.queue._workers == 512 and opts.workers == 4
+    assert provider.node_reconciler.queue._workers == 128 and opts.workers == 4
     with pytest.raises(ValueError, match="--node-workers 0: at least 1"):
         cli.options_from_args(parser.parse_args(["--mqtt-broker", "127.0.0.1:1883", "--node-workers", "0"]))
 
