@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import time
@@ -229,7 +230,16 @@ class KubeClient:
         self.timeout = timeout
         self.retries = retries
         self._limiter = TokenBucket(qps, burst) if qps else None
+        # Paced requests (behind the limiter) share a pool of about qps/8 connections: on a healthy
+        # API server each takes well under 125 ms, so that many carry the whole paced rate. HTTP/1.1
+        # has one request in flight per connection, and with no cap a burst (a fleet of new bases)
+        # opened one per request in flight: a TLS handshake on both sides each, a fifth of the
+        # provider's CPU in a 200-base registration. Watches hold their connection for minutes,
+        # and unpaced requests (Lease renewals) must never wait for one: they have a pool of
+        # their own, without a cap.
+        self.max_paced_connections = max(8, math.ceil(qps / 8)) if qps else 0
         self._session: aiohttp.ClientSession | None = None
+        self._unpaced_session: aiohttp.ClientSession | None = None
         self._headers = {**config.headers, "User-Agent": user_agent, "Accept": "application/json"}
         self._token_stamp: tuple[float, int] | None = None
         self._token_checked = 0.0
@@ -252,18 +262,24 @@ class KubeClient:
     def namespace(self) -> str:
         return self.config.namespace
 
-    def _session_for_loop(self) -> aiohttp.ClientSession:
+    def _session_for_loop(self, *, paced: bool = True) -> aiohttp.ClientSession:
+        if not paced:
+            if self._unpaced_session is None or self._unpaced_session.closed:
+                self._unpaced_session = self._new_session(limit=0)
+            return self._unpaced_session
         if self._session is None or self._session.closed:
-            # limit=0: every informer holds one long-lived watch connection; a pool cap would starve
-            # ordinary requests behind them.
-            connector = aiohttp.TCPConnector(ssl=self.config.ssl_context, limit=0, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+            self._session = self._new_session(limit=self.max_paced_connections)
         return self._session
 
+    def _new_session(self, *, limit: int) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(ssl=self.config.ssl_context, limit=limit, enable_cleanup_closed=True)
+        return aiohttp.ClientSession(connector=connector, raise_for_status=False)
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._unpaced_session):
+            if session is not None:
+                await session.close()
+        self._session = self._unpaced_session = None
 
     # --- auth -----------------------------------------------------------------------------------
 
@@ -334,7 +350,7 @@ class KubeClient:
                 await self._limiter.acquire()
             started = time.monotonic()
             try:
-                session = self._session_for_loop()
+                session = self._session_for_loop(paced=limited)
                 async with session.request(
                     method,
                     url,
@@ -483,7 +499,7 @@ class KubeClient:
         self._refresh_token()
         if self._limiter:
             await self._limiter.acquire()
-        session = self._session_for_loop()
+        session = self._session_for_loop(paced=False)
         try:
             resp = await session.get(
                 self.config.server + path,

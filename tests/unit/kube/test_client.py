@@ -360,3 +360,37 @@ async def test_unlimited_request_does_not_wait_behind_the_rate_limiter(serve: An
     assert await asyncio.wait_for(client.replace(path, {}, limited=False), 60) == {"kind": "Lease"}
     assert not waiting.done()
     waiting.cancel()
+
+
+async def test_paced_requests_share_a_bounded_pool_and_renewals_do_not(serve: Any) -> None:
+    """A burst of paced writes reuses about qps/8 connections (each new one is a TLS handshake on
+    both sides); Lease renewals (limited=False) are never kept waiting for one."""
+    state = {"in_flight": 0, "most": 0, "release_at": 0}
+    peers: set[Any] = set()
+    gate = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        state["in_flight"] += 1
+        state["most"] = max(state["most"], state["in_flight"])
+        if state["in_flight"] >= state["release_at"]:
+            gate.set()
+        await gate.wait()
+        state["in_flight"] -= 1
+        return web.json_response({"kind": "Lease"})
+
+    plain = await serve({"PUT /apis/coordination.k8s.io/v1/namespaces/n/leases/{name}": held})
+    client = KubeClient(plain.config, qps=80, burst=200)
+    try:
+        assert client.max_paced_connections == 10
+        state["release_at"] = 10
+        await asyncio.wait_for(asyncio.gather(*(client.replace(lease_path("n", f"l{i}"), {}) for i in range(40))), 30)
+        assert state["most"] == 10 and len(peers) <= 10
+        # Unpaced: all 40 at once, or the gate (opened by the 40th) never opens.
+        gate.clear()
+        state.update(most=0, release_at=40)
+        await asyncio.wait_for(asyncio.gather(
+            *(client.replace(lease_path("n", f"l{i}"), {}, limited=False) for i in range(40))), 30)
+        assert state["most"] == 40
+    finally:
+        await client.close()
