@@ -90,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kube-qps", type=float, default=200.0,
         help="API request rate limit, burst twice that (default 200/s), for everything but Lease renewals "
         "(one per base every 10 s, as each kubelet renews its own, never kept waiting by this limit). Each "
-        "module install costs about two Events and a status write",
+        "module install costs about two Events and a status write. The requests it paces share a pool of "
+        "qps/8 connections to the API server (25 at the default); watches and renewals have their own",
     )
     g = parser.add_argument_group("kubelet API (kubectl logs / exec on module Pods)")
     g.add_argument(
