@@ -197,12 +197,17 @@ def _http_ok(port: int) -> bool:
         return bool(resp.status == 200)
 
 
-def provider_buckets(port: int, name: str) -> dict[float, float]:
-    """A provider histogram's cumulative buckets (le seconds -> count), from its /metrics."""
+def provider_metrics(port: int) -> str:
+    """The provider's /metrics page."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+        return str(resp.read().decode())
+
+
+def provider_buckets(port: int, name: str) -> dict[float, float]:
+    """A provider histogram's cumulative buckets (le seconds -> count), from its /metrics."""
+    text = provider_metrics(port)
     buckets: dict[float, float] = {}
     for line in text.splitlines():
         if line.startswith(name + "_bucket{"):
@@ -213,10 +218,7 @@ def provider_buckets(port: int, name: str) -> dict[float, float]:
 
 def counter_sums(port: int, name: str, label: str) -> dict[str, float]:
     """A provider counter's values summed by one label."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    text = provider_metrics(port)
     sums: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(name + "{") and f'{label}="' in line:
@@ -241,10 +243,7 @@ def histogram_totals(text: str, name: str, *want: str) -> tuple[float, float]:
 def lease_put_latency(cp: ControlPlane, port: int) -> tuple[tuple[float, float], tuple[float, float]]:
     """(sum, count) so far of the provider's PUT round trips (its Lease renewals, almost all of its
     PUTs) and of kube-apiserver's own time on Lease PUTs."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        provider = histogram_totals(resp.read().decode(), "koupleless_kube_request_duration_seconds", 'verb="PUT"')
+    provider = histogram_totals(provider_metrics(port), "koupleless_kube_request_duration_seconds", 'verb="PUT"')
     apiserver = histogram_totals(cp.kubectl("get", "--raw", "/metrics").stdout, "apiserver_request_duration_seconds",
                                  'resource="leases"', 'verb="PUT"')
     return provider, apiserver
@@ -311,6 +310,11 @@ class LossWatch:
         why = sorted(set(self.not_ready.values()))[:3]
         return (f"meanwhile: {len(self.not_ready)} Nodes went not Ready ({why}), {len(self.deleted)} module Pods "
                 f"deleted (evicted)")
+
+
+def cpu_shares(used: dict[str, float], seconds: float) -> str:
+    """CPU seconds by process over `seconds` as shares of one core, in the order given."""
+    return ", ".join(f"{k} {v / seconds:.0%}" for k, v in used.items())
 
 
 def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
@@ -585,7 +589,7 @@ async def bench(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> N
         print(f"[5] provider at {len(all_nodes)} bases / {modules} modules, steady {args.steady_seconds:.0f}s: "
               f"RSS {rss1:.0f} MiB (peak {peak:.0f} MiB; target at {rss_for} <= {rss_target:g} MiB: ratio "
               f"{peak / rss_target:.2f}), CPU {cpu_pct:.0f}% of one core")
-        print("    CPU share of one core meanwhile: " + ", ".join(f"{k} {v / window:.0%}" for k, v in steady.items()))
+        print("    CPU share of one core meanwhile: " + cpu_shares(steady, window))
         not_ready = [n for n in nodes.list() if not ready(n)]
         reasons = sorted({c.get("reason", "") for n in not_ready for c in n["status"].get("conditions", [])
                           if c.get("type") == "Ready"})
@@ -688,7 +692,7 @@ async def measure_steady_writes(
           f"{mean_between(latency0[0], latency1[0])}, kube-apiserver's own share {mean_between(latency0[1], latency1[1])}"
           if renewals else "    Lease renewals: none in the window")
     print(f"    CPU share of one core in the window ({os.cpu_count()} cores in all): "
-          + ", ".join(f"{k} {v / seconds:.0%}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+          + cpu_shares(dict(sorted(used.items(), key=lambda kv: -kv[1])), seconds)
           + f"; all together {sum(used.values()) / seconds / (os.cpu_count() or 1):.0%} of the machine")
 
 
