@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devcluster.broker import Broker
 from devcluster.cluster import ControlPlane, Timings
 from devcluster.processes import ManagedProcess, free_port
-from koupleless import arklet, keys
+from koupleless import arklet, arklet_parse, keys
 from koupleless.kube import Informer, KubeClient, lease_path, namespace_path, node_path, pod_path
 from provider.basesim import BaseSimulator, SimBase
 from provider.basesim_http import HttpBaseSimulator
@@ -97,7 +97,7 @@ class TimedFleet(BaseSimulator):
         if topic.endswith("/" + arklet.CMD_INSTALL_BIZ):
             base_id = topic.split("/")[1]
             try:
-                name = arklet.parse_biz_model(payload).biz_name
+                name = arklet_parse.parse_biz_model(payload).biz_name
                 self.install_received.setdefault((base_id, name), now)
             except arklet.ArkletError:
                 pass
@@ -122,7 +122,7 @@ class TimedHttpFleet(HttpBaseSimulator):
         base = self._by_port.get(int(sockname[1])) if sockname else None
         if request.path != "/" + arklet.CMD_INSTALL_BIZ or base is None:
             return await super()._command(request)
-        name = arklet.parse_biz_model(await request.read()).biz_name
+        name = arklet_parse.parse_biz_model(await request.read()).biz_name
         self.install_received.setdefault((base.base_id, name), now)
         resp = await super()._command(request)
         self.reply_sent[(base.base_id, name)] = time.monotonic()

@@ -4,7 +4,8 @@ Wire-compatible with koupleless runtime's arklet-tunnel-mqtt (reference §2). Ev
 is network input: parsing never trusts a shape and raises `ArkletError` naming the field path, what
 is wrong and what a base should send instead. Commands to a base carry no envelope; everything a
 base publishes is wrapped as `{"publishTimestamp": <epoch ms>, "data": ...}`. The data a base
-publishes is built by koupleless.arklet_base_payloads (for the simulated bases and tests).
+publishes is built by koupleless.arklet_base_payloads (for the simulated bases and tests), and read
+back by koupleless.arklet_parse.
 
 This module knows nothing about Kubernetes or about the MQTT client: it turns bytes into dataclasses
 and back.
@@ -169,7 +170,7 @@ def check_envelope(doc: Any) -> Envelope:
         raise ArkletError(
             "wrong_type",
             "payload",
-            f"expected an object, got {_type(doc)}",
+            f"expected an object, got {type_name(doc)}",
             'wrap the payload as {"publishTimestamp": <epoch ms>, "data": ...}',
         )
     ts = doc.get("publishTimestamp")
@@ -177,7 +178,7 @@ def check_envelope(doc: Any) -> Envelope:
         raise ArkletError(
             "wrong_type",
             "publishTimestamp",
-            f"expected epoch milliseconds (a number), got {_type(ts)}",
+            f"expected epoch milliseconds (a number), got {type_name(ts)}",
             "set publishTimestamp to System.currentTimeMillis()",
         )
     if "data" not in doc:
@@ -314,287 +315,10 @@ def encode_command(model: BizModel | None = None) -> bytes:
     return orjson.dumps(model.to_wire() if model else {})
 
 
-def parse_heartbeat(data: Any, topic_base_id: str) -> Heartbeat:
-    """Either dialect, told apart by its shape: `baseMetadata` (runtime >= 1.4) or `masterBizInfo`
-    (runtime 1.3.x, 2.1.5-2.1.7)."""
-    obj = _obj(data, "data", "a BaseStatus object")
-    if "baseMetadata" not in obj and "masterBizInfo" in obj:
-        return parse_legacy_heartbeat(obj, topic_base_id)
-    if "baseMetadata" not in obj:
-        raise ArkletError(
-            "wrong_type", "data.baseMetadata", "is missing (and so is data.masterBizInfo)",
-            "send {baseMetadata: {identity, name, version, clusterName}, localIP, localHostName, port, state} "
-            "(runtime >= 1.4) or {masterBizInfo: {name, version}, networkInfo: {localIP, localHostName}, state} "
-            "(runtime 1.3.x)",
-        )
-    meta = _obj(obj.get("baseMetadata"), "data.baseMetadata", "{identity, name, version, clusterName}")
-    identity = _str(meta, "identity", "data.baseMetadata", required=True)
-    if identity != topic_base_id:
-        raise ArkletError(
-            "identity_mismatch",
-            "data.baseMetadata.identity",
-            f"{identity!r} disagrees with the topic's baseID {topic_base_id!r}",
-            "publish on koupleless_<env>/<identity>/base/heart with the same identity",
-        )
-    port = obj.get("port", 0)
-    if isinstance(port, bool) or not isinstance(port, int | float | type(None)):
-        raise ArkletError("wrong_type", "data.port", f"expected a number, got {_type(port)}", "send 0 over MQTT")
-    state = _str(obj, "state", "data", required=True).upper()
-    return Heartbeat(
-        metadata=BaseMetadata(
-            identity=identity,
-            name=_str(meta, "name", "data.baseMetadata"),
-            version=_str(meta, "version", "data.baseMetadata"),
-            cluster_name=_str(meta, "clusterName", "data.baseMetadata"),
-        ),
-        local_ip=_str(obj, "localIP", "data"),
-        local_hostname=_str(obj, "localHostName", "data"),
-        port=int(port or 0),
-        state=state,
-    )
-
-
-def parse_legacy_heartbeat(obj: Mapping[str, Any], topic_base_id: str) -> Heartbeat:
-    """Runtime 1.3.x / 2.1.5-2.1.7: `{masterBizInfo: {name, version}, networkInfo: {localIP,
-    localHostName[, arkletPort]}, state}`. The base is named only by its topic (a random UUID per
-    JVM start); it has no cluster name, so its own name stands for it: all bases of one application
-    form one cluster, as the cluster name is used for."""
-    master = _obj(obj.get("masterBizInfo"), "data.masterBizInfo", "{name, version}")
-    network = _obj(obj.get("networkInfo", {}), "data.networkInfo", "{localIP, localHostName}")
-    named = obj.get("baseID")
-    if named is not None and named != topic_base_id:
-        raise ArkletError(
-            "identity_mismatch", "data.baseID", f"{named!r} disagrees with the topic's baseID {topic_base_id!r}",
-            "publish on koupleless_<env>/<baseID>/base/heart with the same baseID",
-        )
-    port = network.get("arkletPort", 0)
-    if isinstance(port, bool) or not isinstance(port, int | float | type(None)):
-        raise ArkletError("wrong_type", "data.networkInfo.arkletPort", f"expected a number, got {_type(port)}",
-                          "send the arklet port as a number")
-    name = _str(master, "name", "data.masterBizInfo")
-    return Heartbeat(
-        metadata=BaseMetadata(
-            identity=topic_base_id,
-            name=name,
-            version=_str(master, "version", "data.masterBizInfo"),
-            cluster_name=name,
-        ),
-        local_ip=_str(network, "localIP", "data.networkInfo"),
-        local_hostname=_str(network, "localHostName", "data.networkInfo"),
-        port=int(port or 0),
-        state=_str(obj, "state", "data", required=True).upper(),
-        dialect=DIALECT_LEGACY,
-    )
-
-
-def parse_base_metadata(data: Any, topic_base_id: str) -> BaseMetadata:
-    """queryBaseline's body: the base's BaseMetadata."""
-    meta = _obj(data, "data", "{identity, name, version, clusterName}")
-    identity = _str(meta, "identity", "data") or topic_base_id
-    if identity != topic_base_id:
-        raise ArkletError(
-            "identity_mismatch", "data.identity", f"{identity!r} disagrees with the topic's baseID {topic_base_id!r}",
-            "publish on koupleless_<env>/<identity>/base/queryBaseline with the same identity",
-        )
-    return BaseMetadata(identity, _str(meta, "name", "data"), _str(meta, "version", "data"),
-                        _str(meta, "clusterName", "data"))
-
-
-def parse_health(data: Any) -> HealthReport:
-    obj = _obj(data, "data", "an arklet Output {code, message, data: {healthData}}")
-    code = _str(obj, "code", "data", required=True).upper()
-    message = _str(obj, "message", "data")
-    inner = obj.get("data")
-    if inner is None:
-        return HealthReport(code, message)
-    inner = _obj(inner, "data.data", "{healthData: {jvm, cpu, masterBizInfo}}")
-    health = inner.get("healthData")
-    if health is None:
-        return HealthReport(code, message)
-    health = _obj(health, "data.data.healthData", "{jvm, cpu, masterBizInfo}")
-    jvm = _obj(health.get("jvm", {}), "data.data.healthData.jvm", "an object of numbers")
-    cpu = _obj(health.get("cpu", {}), "data.data.healthData.cpu", "an object of numbers")
-    master = _obj(health.get("masterBizInfo", {}), "data.data.healthData.masterBizInfo", "{bizName, bizState}")
-    max_mb = _num(jvm, "max memory(M)", "data.data.healthData.jvm")
-    metaspace = _num(jvm, "java max metaspace", "data.data.healthData.jvm")
-    memory: int | None = None
-    if max_mb is not None and max_mb > 0:
-        memory = int(max_mb * 1024 * 1024)
-    elif metaspace is not None and metaspace > 0:
-        memory = int(metaspace)
-    count = _num(cpu, "count", "data.data.healthData.cpu")
-    return HealthReport(
-        code=code,
-        message=message,
-        memory_bytes=memory,
-        cpu_count=int(count) if count and count > 0 else None,
-        run_time_s=_num(jvm, "run time(s)", "data.data.healthData.jvm"),
-        master_biz_state=_str(master, "bizState", "data.data.healthData.masterBizInfo").upper(),
-    )
-
-
-def parse_simple_biz(data: Any) -> list[BizStatus]:
-    """The current runtime's queryAllBiz reply: `[{name, version, state, latestStateRecord}]`."""
-    items = _arr(data, "data", "an array of {name, version, state, latestStateRecord}")
-    out = []
-    for i, item in enumerate(items):
-        path = f"data[{i}]"
-        item = _obj(item, path, "{name, version, state, latestStateRecord}")
-        record = item.get("latestStateRecord")
-        change, reason, message = _record(record, f"{path}.latestStateRecord")
-        out.append(
-            BizStatus(
-                name=_str(item, "name", path, required=True),
-                version=_str(item, "version", path),
-                state=_str(item, "state", path, required=True).upper(),
-                change_time_ms=change,
-                reason=reason,
-                message=message,
-            )
-        )
-    return out
-
-
-def parse_biz(data: Any) -> list[BizStatus]:
-    """The older queryAllBiz reply: `{code, message, data: [ArkBizInfo]}`."""
-    obj = _obj(data, "data", "{code, message, data: [ArkBizInfo]}")
-    code = _str(obj, "code", "data", required=True).upper()
-    if code != CODE_SUCCESS:
-        raise ArkletError(
-            "failed_reply", "data.code", f"queryAllBiz failed: {code} {_str(obj, 'message', 'data')}", "check the base"
-        )
-    items = _arr(obj.get("data", []), "data.data", "an array of ArkBizInfo")
-    out = []
-    for i, item in enumerate(items):
-        path = f"data.data[{i}]"
-        item = _obj(item, path, "{bizName, bizVersion, bizState, bizStateRecords}")
-        records = _arr(item.get("bizStateRecords", []), f"{path}.bizStateRecords", "an array of records")
-        change, reason, message = _record(records[-1] if records else None, f"{path}.bizStateRecords[-1]")
-        out.append(
-            BizStatus(
-                name=_str(item, "bizName", path, required=True),
-                version=_str(item, "bizVersion", path),
-                state=_str(item, "bizState", path, required=True).upper(),
-                change_time_ms=change,
-                reason=reason,
-                message=message,
-            )
-        )
-    return out
-
-
-def parse_biz_operation(data: Any) -> BizOperation:
-    """A bizOperation's data as plain JSON values (koupleless.arklet_replies decodes the payload)."""
-    obj = _obj(data, "data", "{command, bizName, bizVersion, response}")
-    command = _str(obj, "command", "data", required=True)
-    if command not in (CMD_INSTALL_BIZ, CMD_UNINSTALL_BIZ):
-        raise ArkletError(
-            "wrong_type", "data.command", f"{command!r} is not installBiz or uninstallBiz", "reply with the command's name"
-        )
-    response = _obj(obj.get("response"), "data.response", "an arklet Output {code, message, data}")
-    code = _str(response, "code", "data.response", required=True).upper()
-    message = _str(response, "message", "data.response")
-    state = installed_name = installed_version = ""
-    inner = response.get("data")
-    if isinstance(inner, dict):
-        # The base's own explanation (a stack trace on exceptions) is in data.message.
-        detail = inner.get("message")
-        if isinstance(detail, str) and detail:
-            message = detail if message in ("", code, detail) else f"{message}: {detail}"
-        infos = inner.get("bizInfos")
-        if isinstance(infos, list) and infos and isinstance(infos[0], dict):
-            info = infos[0]
-            biz_state = info.get("bizState")
-            state = biz_state.upper() if isinstance(biz_state, str) else ""
-            name, version = info.get("bizName"), info.get("bizVersion")
-            installed_name = name if isinstance(name, str) else ""
-            installed_version = version if isinstance(version, str) else ""
-    elif inner is not None:
-        raise ArkletError("wrong_type", "data.response.data", f"expected an object, got {_type(inner)}", "send {}")
-    # Runtime 1.3.0-1.3.1 names no biz in a failure reply: biz_name is then "" and the registry
-    # decides which command it answers.
-    return BizOperation(
-        command=command,
-        biz_name=_str(obj, "bizName", "data"),
-        biz_version=_str(obj, "bizVersion", "data"),
-        code=code,
-        message=message,
-        biz_state=state,
-        installed_name=installed_name,
-        installed_version=installed_version,
-    )
-
-
-def parse_biz_model(payload: bytes) -> BizModel:
-    """A command's BizModel, as arklet reads it (the base-sim side)."""
-    obj = _obj(decode_json(payload), "payload", "{bizName, bizVersion, bizUrl}")
-    name = _str(obj, "bizName", "payload")
-    version = _str(obj, "bizVersion", "payload")
-    url = _str(obj, "bizUrl", "payload")
-    if bool(name) != bool(version):
-        raise ArkletError(
-            "wrong_type", "payload", "bizName and bizVersion must be both set or both empty", "send both"
-        )
-    extra = {k: v for k, v in obj.items() if k not in ("bizName", "bizVersion", "bizUrl")}
-    return BizModel(name, version, url, extra)
-
-
-# --- helpers --------------------------------------------------------------------------------------
-
-
-def _type(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """How an error message names a JSON value's type."""
     if value is None:
         return "null"
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}.get(
         type(value), type(value).__name__
-    )
-
-
-def _obj(value: Any, path: str, expect: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ArkletError("wrong_type", path, f"expected {expect}, got {_type(value)}", f"send {expect}")
-    return value
-
-
-def _arr(value: Any, path: str, expect: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ArkletError("wrong_type", path, f"expected {expect}, got {_type(value)}", f"send {expect}")
-    return value
-
-
-def _str(obj: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> str:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise ArkletError("wrong_type", f"{path}.{key}", "is missing", f"send {key} as a string")
-        return ""
-    if not isinstance(value, str):
-        raise ArkletError("wrong_type", f"{path}.{key}", f"expected a string, got {_type(value)}", f"send {key} as a string")
-    if required and not value:
-        raise ArkletError("wrong_type", f"{path}.{key}", "is empty", f"send a non-empty {key}")
-    return value
-
-
-def _num(obj: Mapping[str, Any], key: str, path: str) -> float | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ArkletError("wrong_type", f"{path}.{key}", f"expected a number, got {_type(value)}", "send a number")
-    return float(value)
-
-
-def _record(record: Any, path: str) -> tuple[int | None, str, str]:
-    if record is None:
-        return None, "", ""
-    record = _obj(record, path, "{changeTime, state, reason, message}")
-    change = record.get("changeTime")
-    if change is not None and (isinstance(change, bool) or not isinstance(change, int | float)):
-        raise ArkletError("wrong_type", f"{path}.changeTime", f"expected epoch ms, got {_type(change)}", "send a number")
-    reason = record.get("reason")
-    message = record.get("message")
-    return (
-        int(change) if change is not None else None,
-        reason if isinstance(reason, str) else "",
-        message if isinstance(message, str) else "",
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from koupleless import arklet
+from koupleless import arklet, arklet_parse
 
 
 class _Slim(msgspec.Struct, omit_defaults=True):
@@ -125,34 +125,34 @@ class BatchEntry:
 
 def parse_batch_install_response(data: Any) -> list[BatchEntry]:
     """A batchInstallBizResponse's data (reference §2.3): one entry per bizUrl of the baseline."""
-    obj = arklet._obj(data, "data", "{command, response: {code, message, data: {bizUrlToResponse}}}")
-    command = arklet._str(obj, "command", "data", required=True)
+    obj = arklet_parse.want_object(data, "data", "{command, response: {code, message, data: {bizUrlToResponse}}}")
+    command = arklet_parse.want_string(obj, "command", "data", required=True)
     if command != arklet.BATCH_INSTALL_COMMAND:
         raise arklet.ArkletError("wrong_type", "data.command", f"{command!r} is not {arklet.BATCH_INSTALL_COMMAND}",
                                  f"reply to a baseline with command {arklet.BATCH_INSTALL_COMMAND}")
-    response = arklet._obj(obj.get("response"), "data.response", "an arklet Output {code, message, data}")
+    response = arklet_parse.want_object(obj.get("response"), "data.response", "an arklet Output {code, message, data}")
     inner = response.get("data")
     if inner is None:
         return []
-    inner = arklet._obj(inner, "data.response.data", "{code, message, bizUrlToResponse}")
+    inner = arklet_parse.want_object(inner, "data.response.data", "{code, message, bizUrlToResponse}")
     per_url = inner.get("bizUrlToResponse")
     if per_url is None:
         return []
-    per_url = arklet._obj(per_url, "data.response.data.bizUrlToResponse", "an object keyed by bizUrl")
+    per_url = arklet_parse.want_object(per_url, "data.response.data.bizUrlToResponse", "an object keyed by bizUrl")
     out = []
     for url, entry in per_url.items():
         path = f"data.response.data.bizUrlToResponse[{url!r}]"
-        entry = arklet._obj(entry, path, "{code, message, bizInfos}")
+        entry = arklet_parse.want_object(entry, path, "{code, message, bizInfos}")
         name = version = state = ""
         infos = entry.get("bizInfos")
         if isinstance(infos, list) and infos and isinstance(infos[0], dict):
-            name = arklet._str(infos[0], "bizName", f"{path}.bizInfos[0]")
-            version = arklet._str(infos[0], "bizVersion", f"{path}.bizInfos[0]")
-            state = arklet._str(infos[0], "bizState", f"{path}.bizInfos[0]").upper()
+            name = arklet_parse.want_string(infos[0], "bizName", f"{path}.bizInfos[0]")
+            version = arklet_parse.want_string(infos[0], "bizVersion", f"{path}.bizInfos[0]")
+            state = arklet_parse.want_string(infos[0], "bizState", f"{path}.bizInfos[0]").upper()
         out.append(BatchEntry(
             biz_url=url,
-            code=arklet._str(entry, "code", path, required=True).upper(),
-            message=arklet._str(entry, "message", path),
+            code=arklet_parse.want_string(entry, "code", path, required=True).upper(),
+            message=arklet_parse.want_string(entry, "message", path),
             installed_name=name,
             installed_version=version,
             biz_state=state,

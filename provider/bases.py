@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter
 
-from koupleless import arklet, arklet_replies, keys
+from koupleless import arklet, arklet_parse, arklet_replies, keys
 from provider.admission import BaseAdmission
 from provider.state import ARKLET_HTTP_DEFAULT_PORT, TUNNEL_HTTP, TUNNEL_MQTT, BaseState, BizRecord
 
@@ -160,11 +160,11 @@ class BaseRegistry:
                             f"{(env.publish_ts_ms - arklet.now_ms()) / 1000:.0f}s ahead of this provider's clock")
                 return
             if kind == arklet.HEART:
-                self._on_heartbeat(base_id, arklet.parse_heartbeat(env.data, base_id), env.publish_ts_ms)
+                self._on_heartbeat(base_id, arklet_parse.parse_heartbeat(env.data, base_id), env.publish_ts_ms)
                 return
             if kind == arklet.QUERY_BASELINE:
                 # Sent once per JVM start, before the first heartbeat: a base may not be known yet.
-                metadata = arklet.parse_base_metadata(env.data, base_id)
+                metadata = arklet_parse.parse_base_metadata(env.data, base_id)
                 known = self.bases.get(base_id)
                 if known is not None:
                     self._on_base_started(known)
@@ -466,7 +466,7 @@ class BaseRegistry:
         used, for the caller to answer or log."""
         if kind == arklet.HEART:
             identity = _heartbeat_identity(data)
-            self._on_heartbeat(identity, arklet.parse_heartbeat(data, identity), ts, tunnel)
+            self._on_heartbeat(identity, arklet_parse.parse_heartbeat(data, identity), ts, tunnel)
             return
         if kind not in (arklet.BIZ_OPERATION, arklet.BIZ, arklet.BASE_HEALTH):
             raise ValueError(f"receive: {kind!r} is not a kind another tunnel delivers")
@@ -479,7 +479,7 @@ class BaseRegistry:
         """A known base's reply, inventory or health report, whichever tunnel brought it; False for a
         kind no base sends."""
         if kind == arklet.BIZ_OPERATION:
-            self._on_biz_operation(base, arklet.parse_biz_operation(data), ts, where)
+            self._on_biz_operation(base, arklet_parse.parse_biz_operation(data), ts, where)
             return True
         if kind == arklet.BATCH_INSTALL_RESPONSE:
             self._on_batch_install(base, arklet_replies.parse_batch_install_response(data), ts, where)
@@ -487,11 +487,11 @@ class BaseRegistry:
         if not self._in_order(base, kind, ts, where):
             return True
         if kind == arklet.SIMPLE_BIZ:
-            self._on_inventory(base, arklet.parse_simple_biz(data), ts)
+            self._on_inventory(base, arklet_parse.parse_simple_biz(data), ts)
         elif kind == arklet.BIZ:
-            self._on_inventory(base, arklet.parse_biz(data), ts)
+            self._on_inventory(base, arklet_parse.parse_biz(data), ts)
         elif kind == arklet.BASE_HEALTH:
-            self._on_health(base, arklet.parse_health(data))
+            self._on_health(base, arklet_parse.parse_health(data))
         else:
             return False
         MQTT_HANDLED.labels(kind).inc()

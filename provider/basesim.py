@@ -45,7 +45,7 @@ from typing import Any
 import orjson
 from paho.mqtt.client import MQTTMessageInfo
 
-from koupleless import arklet, arklet_base_payloads
+from koupleless import arklet, arklet_base_payloads, arklet_parse
 from koupleless.model import infer_from_jar
 from provider import basesim_dialects as dialects
 from provider.tunnel import BrokerOptions, MqttTunnel
@@ -455,7 +455,7 @@ class BaseSimulator:
             if command == arklet.CMD_INSTALL_BIZ:
                 base.install_commands += 1
             try:
-                model = arklet.parse_biz_model(payload)
+                model = arklet_parse.parse_biz_model(payload)
             except arklet.ArkletError as exc:
                 log.warning("base %s: bad %s command: %s", base_id, command, exc)
                 return
@@ -592,7 +592,7 @@ def parse_baseline(payload: bytes) -> list[arklet.BizModel]:
     models = []
     for i, item in enumerate(items):
         try:
-            models.append(arklet.parse_biz_model(orjson.dumps(item)))
+            models.append(arklet_parse.parse_biz_model(orjson.dumps(item)))
         except arklet.ArkletError as exc:
             raise arklet.ArkletError(exc.kind, f"payload[{i}]", exc.what, exc.fix) from None
     return models

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from koupleless import arklet, arklet_base_payloads
+from koupleless import arklet, arklet_base_payloads, arklet_parse
 from provider.basesim import NOT_FOUND_BIZ, BaseSimulator, SimBase
 from provider.tunnel import BrokerOptions
 
@@ -148,7 +148,7 @@ class HttpBaseSimulator(BaseSimulator):
         if command == arklet.CMD_QUERY_ALL_BIZ:
             return self._answer(base, arklet.CODE_SUCCESS, "", [_ark_biz_info(m.status()) for m in base.modules.values()])
         try:
-            model = arklet.parse_biz_model(body)
+            model = arklet_parse.parse_biz_model(body)
         except arklet.ArkletError as exc:
             return self._answer(base, arklet.CODE_FAILED, f"bad {command} request: {exc}")
         if command == arklet.CMD_UNINSTALL_BIZ:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from koupleless import arklet, arklet_base_payloads
+from koupleless import arklet, arklet_base_payloads, arklet_parse
 
 REAL_HEART = (
     b'{"publishTimestamp":1726000000000,"data":{"baseMetadata":{"identity":"10.1.0.45","name":"base",'
@@ -37,19 +37,19 @@ def test_unknown_topics_are_named(name: str) -> None:
 def test_real_heartbeat() -> None:
     env = arklet.decode_envelope(REAL_HEART)
     assert env.publish_ts_ms == 1726000000000
-    hb = arklet.parse_heartbeat(env.data, "10.1.0.45")
+    hb = arklet_parse.parse_heartbeat(env.data, "10.1.0.45")
     assert hb.activated
     assert hb.metadata == arklet.BaseMetadata("10.1.0.45", "base", "1.0.0", "default")
     assert (hb.local_ip, hb.local_hostname, hb.port) == ("10.1.0.45", "base-7d9f", 0)
     # what we encode for base-sim decodes back to the same heartbeat
     again = arklet.decode_envelope(arklet.encode_envelope(hb.to_wire(), 5))
-    assert arklet.parse_heartbeat(again.data, "10.1.0.45") == hb
+    assert arklet_parse.parse_heartbeat(again.data, "10.1.0.45") == hb
 
 
 def test_identity_must_match_topic() -> None:
     env = arklet.decode_envelope(REAL_HEART)
     with pytest.raises(arklet.ArkletError) as err:
-        arklet.parse_heartbeat(env.data, "10.9.9.9")
+        arklet_parse.parse_heartbeat(env.data, "10.9.9.9")
     assert err.value.kind == "identity_mismatch"
     assert err.value.path == "data.baseMetadata.identity"
 
@@ -75,13 +75,13 @@ def test_wrong_types_name_the_field() -> None:
     data = orjson.loads(REAL_HEART)["data"]
     data["baseMetadata"]["version"] = 2
     with pytest.raises(arklet.ArkletError) as err:
-        arklet.parse_heartbeat(data, "10.1.0.45")
+        arklet_parse.parse_heartbeat(data, "10.1.0.45")
     assert err.value.path == "data.baseMetadata.version"
     assert "expected a string, got a number" in str(err.value)
 
 
 def test_simple_biz_and_legacy_biz() -> None:
-    simple = arklet.parse_simple_biz(
+    simple = arklet_parse.parse_simple_biz(
         [
             {
                 "name": "biz1",
@@ -97,7 +97,7 @@ def test_simple_biz_and_legacy_biz() -> None:
         ("biz1:0.0.1", "ACTIVATED", 1726000000000, "STARTED"),
         ("biz2:1", "BROKEN", None, ""),
     ]
-    legacy = arklet.parse_biz(
+    legacy = arklet_parse.parse_biz(
         {"code": "SUCCESS", "data": [{"bizName": "biz1", "bizVersion": "0.0.1", "bizState": "deactivated",
                                       "bizStateRecords": [{"changeTime": 1, "state": "ACTIVATED"},
                                                           {"changeTime": 2, "state": "DEACTIVATED",
@@ -105,7 +105,7 @@ def test_simple_biz_and_legacy_biz() -> None:
     )
     assert legacy == [arklet.BizStatus("biz1", "0.0.1", "DEACTIVATED", 2, "SWITCHED", "new version")]
     with pytest.raises(arklet.ArkletError) as err:
-        arklet.parse_simple_biz([{"name": "x", "state": 3}])
+        arklet_parse.parse_simple_biz([{"name": "x", "state": 3}])
     assert err.value.path == "data[0].state"
 
 
@@ -117,28 +117,28 @@ def test_install_failure_carries_the_base_message() -> None:
         "response": {"code": "FAILED", "message": "install biz failed",
                      "data": {"code": "FAILED", "message": "java.io.FileNotFoundException: biz1.jar"}},
     }
-    op = arklet.parse_biz_operation(data)
+    op = arklet_parse.parse_biz_operation(data)
     assert not op.success
     assert op.key == "biz1:0.0.1"
     assert "java.io.FileNotFoundException: biz1.jar" in op.message
     # and what base-sim publishes parses the same way
     model = arklet.BizModel("biz1", "0.0.1", "https://h/biz1.jar")
     sim = arklet_base_payloads.biz_operation_data(arklet.CMD_INSTALL_BIZ, model, "FAILED", "disk full")
-    assert arklet.parse_biz_operation(sim).message == "disk full"
+    assert arklet_parse.parse_biz_operation(sim).message == "disk full"
     ok = arklet_base_payloads.biz_operation_data(arklet.CMD_INSTALL_BIZ, model, "SUCCESS", biz_state="ACTIVATED")
-    parsed = arklet.parse_biz_operation(ok)
+    parsed = arklet_parse.parse_biz_operation(ok)
     assert parsed.success and parsed.biz_state == "ACTIVATED"
 
 
 def test_health_report() -> None:
-    report = arklet.parse_health(arklet_base_payloads.health_data(memory_mb=2048, cpu_count=4, run_time_s=12.5))
+    report = arklet_parse.parse_health(arklet_base_payloads.health_data(memory_mb=2048, cpu_count=4, run_time_s=12.5))
     assert report.ok
     assert report.memory_bytes == 2048 * 1024 * 1024
     assert report.cpu_count == 4
     assert report.run_time_s == 12.5
     assert report.master_biz_state == "ACTIVATED"
     with pytest.raises(arklet.ArkletError) as err:
-        arklet.parse_health({"code": "SUCCESS", "data": {"healthData": {"jvm": {"max memory(M)": "lots"}}}})
+        arklet_parse.parse_health({"code": "SUCCESS", "data": {"healthData": {"jvm": {"max memory(M)": "lots"}}}})
     assert err.value.path == "data.data.healthData.jvm.max memory(M)"
 
 
@@ -146,17 +146,17 @@ def test_biz_model_command() -> None:
     model = arklet.BizModel("biz1", "0.0.1-SNAPSHOT", "https://h/biz1.jar")
     assert orjson.loads(arklet.encode_command(model)) == {
         "bizName": "biz1", "bizVersion": "0.0.1-SNAPSHOT", "bizUrl": "https://h/biz1.jar"}
-    assert arklet.parse_biz_model(arklet.encode_command(model)) == model
+    assert arklet_parse.parse_biz_model(arklet.encode_command(model)) == model
     assert arklet.encode_command() == b"{}"
     with pytest.raises(arklet.ArkletError):
-        arklet.parse_biz_model(b'{"bizName":"biz1","bizUrl":"u"}')
+        arklet_parse.parse_biz_model(b'{"bizName":"biz1","bizUrl":"u"}')
 
 
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_escape_as_other_errors(payload: bytes) -> None:
     try:
         env = arklet.decode_envelope(payload)
-        arklet.parse_heartbeat(env.data, "b")
+        arklet_parse.parse_heartbeat(env.data, "b")
     except arklet.ArkletError:
         pass
 
@@ -170,12 +170,12 @@ json_values = st.recursive(
 
 @given(json_values)
 def test_arbitrary_json_shapes_raise_only_arklet_errors(data: object) -> None:
-    for parse in (arklet.parse_simple_biz, arklet.parse_biz, arklet.parse_biz_operation, arklet.parse_health):
+    for parse in (arklet_parse.parse_simple_biz, arklet_parse.parse_biz, arklet_parse.parse_biz_operation, arklet_parse.parse_health):
         try:
             parse(data)
         except arklet.ArkletError:
             pass
     try:
-        arklet.parse_heartbeat(data, "b")
+        arklet_parse.parse_heartbeat(data, "b")
     except arklet.ArkletError:
         pass

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from koupleless import arklet, arklet_base_payloads, arklet_replies
+from koupleless import arklet, arklet_base_payloads, arklet_parse, arklet_replies
 
 UUID = "3f2b8c1e-9d4a-4c7e-8b1f-2a6d5e9c0f13"
 #: runtime 1.3.0 / 2.1.5: no baseMetadata, the base named only by its topic.
@@ -32,7 +32,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "bizoperation_insta
 
 
 def test_old_heartbeat_is_a_base_named_by_its_topic_with_its_own_name_as_cluster() -> None:
-    hb = arklet.parse_heartbeat(arklet.decode_envelope(OLD_HEART).data, UUID)
+    hb = arklet_parse.parse_heartbeat(arklet.decode_envelope(OLD_HEART).data, UUID)
     assert hb == arklet.Heartbeat(
         metadata=arklet.BaseMetadata(UUID, "base-web", "2.1.5", "base-web"),
         local_ip="10.2.3.4", local_hostname="base-web-5f7c", port=0, state=arklet.ACTIVATED,
@@ -44,12 +44,12 @@ def test_old_heartbeat_is_a_base_named_by_its_topic_with_its_own_name_as_cluster
 def test_current_heartbeat_says_its_dialect() -> None:
     data = {"baseMetadata": {"identity": "10.1.0.45", "name": "base", "version": "1.0.0", "clusterName": "default"},
             "localIP": "10.1.0.45", "localHostName": "base-7d9f", "port": 0, "state": "activated"}
-    assert arklet.parse_heartbeat(data, "10.1.0.45").dialect == arklet.DIALECT_CURRENT
+    assert arklet_parse.parse_heartbeat(data, "10.1.0.45").dialect == arklet.DIALECT_CURRENT
 
 
 def test_a_heartbeat_of_neither_shape_names_both() -> None:
     with pytest.raises(arklet.ArkletError) as err:
-        arklet.parse_heartbeat({"localIP": "10.0.0.1", "state": "activated"}, "b")
+        arklet_parse.parse_heartbeat({"localIP": "10.0.0.1", "state": "activated"}, "b")
     assert err.value.path == "data.baseMetadata"
     assert "baseMetadata" in err.value.fix and "masterBizInfo" in err.value.fix
 
@@ -65,29 +65,29 @@ def test_a_heartbeat_of_neither_shape_names_both() -> None:
 ])
 def test_bad_old_heartbeats_name_the_field(data: dict[str, object], path: str) -> None:
     with pytest.raises(arklet.ArkletError) as err:
-        arklet.parse_heartbeat(data, UUID)
+        arklet_parse.parse_heartbeat(data, UUID)
     assert err.value.path == path
 
 
 def test_old_failure_names_no_biz() -> None:
     env = arklet_replies.decode_envelope(arklet.BIZ_OPERATION, OLD_FAILURE)
-    op = arklet.parse_biz_operation(env.data)
+    op = arklet_parse.parse_biz_operation(env.data)
     assert (op.command, op.biz_name, op.biz_version, op.code) == (arklet.CMD_INSTALL_BIZ, "", "", arklet.CODE_FAILED)
     assert op.message == "install biz failed: java.io.FileNotFoundException: biz1.jar"
 
 
 def test_old_module_list() -> None:
     env = arklet.decode_envelope(OLD_BIZ)
-    assert arklet.parse_biz(env.data) == [
+    assert arklet_parse.parse_biz(env.data) == [
         arklet.BizStatus("biz1", "0.0.1", arklet.ACTIVATED, 1700000000150, "STARTED", "")
     ]
 
 
 def test_query_baseline_carries_base_metadata() -> None:
     data = {"identity": "10.1.0.45", "name": "base", "version": "1.0.0", "clusterName": "default"}
-    assert arklet.parse_base_metadata(data, "10.1.0.45") == arklet.BaseMetadata("10.1.0.45", "base", "1.0.0", "default")
+    assert arklet_parse.parse_base_metadata(data, "10.1.0.45") == arklet.BaseMetadata("10.1.0.45", "base", "1.0.0", "default")
     with pytest.raises(arklet.ArkletError) as err:
-        arklet.parse_base_metadata(data, "10.9.9.9")
+        arklet_parse.parse_base_metadata(data, "10.9.9.9")
     assert err.value.kind == "identity_mismatch"
 
 
@@ -117,7 +117,7 @@ def test_an_install_reply_with_a_whole_class_path_is_read_by_the_fields_used() -
     env = arklet_replies.decode_envelope(arklet.BIZ_OPERATION, payload)
     assert env.publish_ts_ms == 1732962665120
     assert "classPath" not in env.data["response"]["data"]["bizInfos"][0]
-    op = arklet.parse_biz_operation(env.data)
+    op = arklet_parse.parse_biz_operation(env.data)
     assert op.success and op.installed_key == "biz1-web-single-host:0.0.1-SNAPSHOT" and op.biz_state == arklet.ACTIVATED
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from koupleless import arklet, keys
+from koupleless import arklet, arklet_parse, keys
 from provider import admission, vnode
 from provider.admission import AdmissionOptions, BaseAdmission
 from tests.unit.provider.rig import ENV, Rig
@@ -257,7 +257,7 @@ def test_options_from_the_command_line() -> None:
     assert opts.admission.allowed_cluster_names == {"c"}
     assert opts.admission.new_bases_per_minute == 5 and opts.node.approve_new_bases
     adm = BaseAdmission(opts.admission, ENV)
-    hb = arklet.parse_heartbeat(heart("b-1"), "b-1")
+    hb = arklet_parse.parse_heartbeat(heart("b-1"), "b-1")
     assert adm.refusal("b-1", hb) is None and adm.refusal("b-x", hb) is not None
     defaults = cli.options_from_args(parser.parse_args(["--mqtt-broker", "127.0.0.1:1883"]))
     assert defaults.admission.new_bases_per_minute == admission.DEFAULT_NEW_BASES_PER_MINUTE

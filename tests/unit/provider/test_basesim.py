@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from devcluster.broker import FLEET_USER, Broker
-from koupleless import arklet
+from koupleless import arklet, arklet_parse
 from provider.basesim import BaseSimulator, heartbeat_schedule
 from provider.basesim_cli import add_arguments, make_app
 from provider.tunnel import BrokerOptions, MqttTunnel
@@ -120,7 +120,7 @@ async def test_bases_ask_for_their_baseline_then_heartbeat(start: Start) -> None
         assert timeline.count(arklet.QUERY_BASELINE) == 1, "no baseline came: the base just heartbeats"
         [ask] = ctl.of(b, arklet.QUERY_BASELINE)
         assert ask.data == {"identity": b, "name": "base", "version": "1.1.1", "clusterName": "base"}
-        hb = arklet.parse_heartbeat(ctl.of(b, arklet.HEART)[0].data, b)
+        hb = arklet_parse.parse_heartbeat(ctl.of(b, arklet.HEART)[0].data, b)
         assert hb.activated and hb.metadata.name == "base" and hb.metadata.version == "1.1.1"
         assert hb.local_ip == sim.bases[b].ip
         stamps = [e.publish_ts_ms for b2, _k, e, _p in ctl.received if b2 == b]
@@ -147,7 +147,7 @@ async def test_install_query_uninstall(start: Start) -> None:
     base = "base-1-1-1-1"
     ctl.send(base, arklet.CMD_INSTALL_BIZ, V1)
     ops = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ_OPERATION), 1), 10, what="install reply")
-    op = arklet.parse_biz_operation(ops[0].data)
+    op = arklet_parse.parse_biz_operation(ops[0].data)
     assert op.success and op.key == "biz1:0.0.1" and op.biz_state == arklet.ACTIVATED
     assert sim.snapshot()["bases"][base]["modules"][0]["state"] == arklet.ACTIVATED
     assert sim.snapshot()["bases"]["base-1-1-1-0"]["modules"] == []
@@ -157,15 +157,15 @@ async def test_install_query_uninstall(start: Start) -> None:
     await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ_OPERATION), 2), 10)
     ctl.send(base, arklet.CMD_QUERY_ALL_BIZ)
     replies = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.SIMPLE_BIZ), 1), 10, what="simpleBiz")
-    states = {b.key: b.state for b in arklet.parse_simple_biz(replies[-1].data)}
+    states = {b.key: b.state for b in arklet_parse.parse_simple_biz(replies[-1].data)}
     assert states == {"biz1:0.0.1": arklet.DEACTIVATED, "biz1:0.0.2": arklet.ACTIVATED}
 
     ctl.send(base, arklet.CMD_UNINSTALL_BIZ, V1)
     ops = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ_OPERATION), 3), 10)
-    assert arklet.parse_biz_operation(ops[2].data).success
+    assert arklet_parse.parse_biz_operation(ops[2].data).success
     ctl.send(base, arklet.CMD_UNINSTALL_BIZ, V1)
     ops = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ_OPERATION), 4), 10)
-    gone = arklet.parse_biz_operation(ops[3].data)
+    gone = arklet_parse.parse_biz_operation(ops[3].data)
     assert not gone.success and "NOT_FOUND_BIZ" in gone.message
     snap = sim.snapshot()["bases"][base]
     assert [m["version"] for m in snap["modules"]] == ["0.0.2"]
@@ -237,7 +237,7 @@ async def test_repeated_install_is_answered_at_once_and_counted_apart(start: Sta
     assert repeat["response"]["code"] == "FAILED"
     assert repeat["response"]["data"]["code"] == "REPEAT_BIZ"
     assert repeat["response"]["data"]["message"] == "REPEAT_BIZ: biz biz1:0.0.1 has been installed"
-    parsed = arklet.parse_biz_operation(repeat)
+    parsed = arklet_parse.parse_biz_operation(repeat)
     assert not parsed.success and "REPEAT_BIZ" in parsed.message
 
     ctl.send(base, arklet.CMD_INSTALL_BIZ, V2)  # a real install: stuck in its hour
@@ -252,7 +252,7 @@ async def test_failures_health_kill_restart(start: Start) -> None:
     base = "base-1-1-1-2"
     ctl.send(base, arklet.CMD_INSTALL_BIZ, arklet.BizModel("badbiz", "1", "https://h/badbiz.jar"))
     ops = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ_OPERATION), 1), 10)
-    failed = arklet.parse_biz_operation(ops[0].data)
+    failed = arklet_parse.parse_biz_operation(ops[0].data)
     assert not failed.success and "simulated failure" in failed.message
     assert sim.bases[base].installs == 0 and sim.bases[base].install_commands == 1
 
@@ -278,7 +278,7 @@ async def test_failures_health_kill_restart(start: Start) -> None:
     sim.install_delay = 2.0
     ctl.send(base, arklet.CMD_INSTALL_BIZ, V2)
     await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ_OPERATION), 3), 10)
-    keys = [arklet.parse_biz_operation(e.data).key for e in ctl.of(base, arklet.BIZ_OPERATION)]
+    keys = [arklet_parse.parse_biz_operation(e.data).key for e in ctl.of(base, arklet.BIZ_OPERATION)]
     assert keys[2:] == ["biz1:0.0.2"], "the install from before the restart never answered"
     assert [m["version"] for m in sim.snapshot()["bases"][base]["modules"]] == ["0.0.2"]
     assert sim.snapshot()["bases"][base]["lifecycle"] == "running"
@@ -295,12 +295,12 @@ async def test_first_health_answer_after_each_start_lacks_jvm_and_cpu(start: Sta
     assert first.data["code"] == "SUCCESS"
     assert set(first.data["data"]["healthData"]) == {"masterBizInfo"}
     assert first.data["data"]["healthData"]["masterBizInfo"]["bizState"] == "activated"
-    assert arklet.parse_health(first.data).memory_bytes is None
+    assert arklet_parse.parse_health(first.data).memory_bytes is None
 
     ctl.send(base, arklet.CMD_HEALTH)
     health = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BASE_HEALTH), 2), 10)
     assert {"jvm", "cpu", "masterBizInfo"} <= set(health[1].data["data"]["healthData"])
-    report = arklet.parse_health(health[1].data)
+    report = arklet_parse.parse_health(health[1].data)
     assert report.ok and report.memory_bytes == 4096 * 1024 * 1024 and report.cpu_count == 4
 
     # a restarted JVM registers its metrics late again
@@ -313,7 +313,7 @@ async def test_first_health_answer_after_each_start_lacks_jvm_and_cpu(start: Sta
     _sim2, ctl2 = await start(late_health_metrics=False)
     ctl2.send(base, arklet.CMD_HEALTH)
     [first] = await async_wait_until(lambda: _at_least(ctl2.of(base, arklet.BASE_HEALTH), 1), 10)
-    assert arklet.parse_health(first.data).memory_bytes == 4096 * 1024 * 1024
+    assert arklet_parse.parse_health(first.data).memory_bytes == 4096 * 1024 * 1024
     assert {"jvm", "cpu"} <= set(first.data["data"]["healthData"])
 
 
@@ -345,7 +345,7 @@ async def test_goodbye_sends_one_deactivated_heartbeat(start: Start) -> None:
     beats = await async_wait_until(
         lambda: _true([e for e in ctl.of(leaving, arklet.HEART) if e.data["state"] == "deactivated"]), 10
     )
-    assert len(beats) == 1 and arklet.parse_heartbeat(beats[0].data, leaving).state == arklet.DEACTIVATED
+    assert len(beats) == 1 and arklet_parse.parse_heartbeat(beats[0].data, leaving).state == arklet.DEACTIVATED
     assert ctl.timeline(leaving)[-1] == arklet.HEART
     sim.shutdown(leaving)  # already stopped: no second goodbye
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from koupleless import arklet
+from koupleless import arklet, arklet_parse
 from provider.basesim import BaseSimulator
 from provider.tunnel import BrokerOptions
 from tests.helpers import async_wait_until
@@ -49,7 +49,7 @@ async def test_1_3_0_speaks_the_old_dialect(start: Start) -> None:
     [info] = listed.data["data"]
     assert (info["bizName"], info["bizVersion"], info["bizState"]) == ("biz1", "0.0.1", "activated")
     assert set(info) == {"bizName", "bizState", "bizVersion", "mainClass", "webContextPath", "bizStateRecords"}
-    assert arklet.parse_biz(listed.data)[0].key == "biz1:0.0.1"
+    assert arklet_parse.parse_biz(listed.data)[0].key == "biz1:0.0.1"
 
     # queryAllBiz is answered on base/biz too, never on simpleBiz
     ctl.send(base, arklet.CMD_QUERY_ALL_BIZ)
@@ -59,7 +59,7 @@ async def test_1_3_0_speaks_the_old_dialect(start: Start) -> None:
     ctl.send(base, arklet.CMD_INSTALL_BIZ, FAILING)
     [failed] = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ_OPERATION), 1), 10, what="failure")
     assert set(failed.data) == {"command", "response"} and failed.data["response"]["code"] == "FAILED"
-    assert arklet.parse_biz_operation(failed.data).biz_name == ""
+    assert arklet_parse.parse_biz_operation(failed.data).biz_name == ""
     # a successful uninstall: again only the module list
     ctl.send(base, arklet.CMD_UNINSTALL_BIZ, V1)
     listed = (await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ), 3), 10, what="uninstall list"))[-1]
@@ -94,9 +94,9 @@ async def test_1_3_2_has_the_old_heartbeat_but_names_its_replies(start: Start) -
     ctl.send(base, arklet.CMD_INSTALL_BIZ, V1)
     ctl.send(base, arklet.CMD_INSTALL_BIZ, FAILING)
     ops = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.BIZ_OPERATION), 2), 10, what="replies")
-    parsed = sorted((arklet.parse_biz_operation(o.data) for o in ops), key=lambda op: op.biz_name)
+    parsed = sorted((arklet_parse.parse_biz_operation(o.data) for o in ops), key=lambda op: op.biz_name)
     assert [(op.key, op.success) for op in parsed] == [("badbiz:0.0.1", False), ("biz1:0.0.1", True)]
     ctl.send(base, arklet.CMD_QUERY_ALL_BIZ)
     [listed] = await async_wait_until(lambda: _at_least(ctl.of(base, arklet.SIMPLE_BIZ), 1), 10, what="simpleBiz")
-    assert [b.key for b in arklet.parse_simple_biz(listed.data)] == ["biz1:0.0.1"]
+    assert [b.key for b in arklet_parse.parse_simple_biz(listed.data)] == ["biz1:0.0.1"]
     assert not ctl.of(base, arklet.BIZ)
