@@ -14,7 +14,7 @@ namespace of its own, and measures:
   RSS at 200 bases                  the controller's resident memory once they are Ready, and after
                                     --rss-seconds steady
 
-Ours is `python -m koupleless provider` with its shipped defaults, with the webhook and the scheduler
+Ours is `python -m koupleless provider` with its shipped defaults (or what --provider-flags adds), with the webhook and the scheduler
 extender deployed as devcluster/stack.py deploys them (kube-scheduler restarted with the extender for
 the round, without it for the reference's). The reference is the binary given with
 --reference-binary (built by the user; this script never fetches or builds anything), configured by
@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import socket
 import statistics
 import sys
@@ -197,6 +198,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag, kind, default, what in numbers:
         parser.add_argument(flag, type=kind, default=kind(default), help=f"{what} (default {default:g})")
     parser.add_argument("--workdir", default="/tmp/koupleless-bench-compare", help="logs of every round go here")
+    parser.add_argument("--provider-flags", default="", metavar="FLAGS",
+                        help="flags added to our provider's command line, as one shell-quoted string (e.g. "
+                             "'--kube-qps 1000 --new-bases-per-minute 0' for --many-bases 1000); default: none, "
+                             "its shipped defaults")
     parser.add_argument("--registration-only", action="store_true",
                         help="measure only the two registrations (3 and --many-bases bases), each with the CPU "
                              "seconds of every process and the API writes made meanwhile; no RSS window")
@@ -205,6 +210,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--rounds {args.rounds}: give at least 1")
     if args.many_bases < 1:
         parser.error(f"--many-bases {args.many_bases}: give at least 1")
+    try:
+        args.provider_flags = shlex.split(args.provider_flags)
+    except ValueError as exc:
+        parser.error(f"--provider-flags {args.provider_flags!r}: {exc}; quote it as one shell string")
     if args.reference_binary is not None:
         path = Path(args.reference_binary)
         if not path.is_file() or not os.access(path, os.X_OK):
@@ -245,10 +254,10 @@ def reference_deployment(ns: str, env: str) -> dict[str, Any]:
 class Ours:
     who = OURS
 
-    def __init__(self, cp: ControlPlane, broker: Broker, env: str, workdir: Path) -> None:
+    def __init__(self, cp: ControlPlane, broker: Broker, env: str, workdir: Path, flags: Sequence[str] = ()) -> None:
         self.cp, self.env, self.workdir = cp, env, workdir
         self.port = free_port()
-        self.process = ManagedProcess("provider", provider_command(cp, broker, env, f"cmp-{env}", self.port),
+        self.process = ManagedProcess("provider", [*provider_command(cp, broker, env, f"cmp-{env}", self.port), *flags],
                                       workdir / "provider.log")
         self.stack = DevStack(StackOptions(env=env, workdir=workdir), progress=lambda _: None, shared_plane=cp)
 
@@ -486,7 +495,7 @@ async def run(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> Res
     work = Path(args.workdir)
     results: Results = {}
     for r in range(args.rounds):
-        controllers: list[Ours | Reference] = [Ours(cp, broker, f"cmp{r}o", work / f"r{r}-ours")]
+        controllers: list[Ours | Reference] = [Ours(cp, broker, f"cmp{r}o", work / f"r{r}-ours", args.provider_flags)]
         if args.reference_binary:
             controllers.append(Reference(args.reference_binary, cp, broker, f"cmp{r}r", work / f"r{r}-reference"))
         if r % 2:
@@ -512,8 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"load average at start: {load()} ({os.cpu_count()} CPUs)", flush=True)
     print(f"reference: {args.reference_binary or 'not given (ours only)'}; rounds: {args.rounds}, "
-          f"{args.many_bases} bases in the large registration; control plane with devcluster's node-loss timings",
-          flush=True)
+          f"{args.many_bases} bases in the large registration; control plane with devcluster's node-loss timings; "
+          f"our provider's flags: {shlex.join(args.provider_flags) or 'its defaults'}", flush=True)
     try:
         # Anonymous broker, as provider_scale's: the reference logs in as its default user, and the
         # simulated bases share one connection.
