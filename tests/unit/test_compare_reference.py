@@ -16,6 +16,7 @@ from bench.compare_reference import (
     seed_deployment,
     spread,
     table,
+    where_time_went,
 )
 from koupleless import keys
 
@@ -127,3 +128,12 @@ def test_reference_gets_the_seed_deployment_in_its_own_dialect() -> None:
     # the seed's own Deployment, which ours gets, is left as shipped
     assert seed["metadata"]["namespace"] == "ns1"
     assert keys.LABEL_COMPONENT in seed["spec"]["template"]["metadata"]["labels"]
+
+
+def test_where_time_went_prints_what_everyone_but_the_controller_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    line = where_time_went({"kube-apiserver": 3.0, "controller": 2.0, "etcd": 1.0},
+                           {"POST nodes": 10.0}, {"POST nodes": 1010.0, "POST leases": 1000.0})
+    assert line.startswith("CPU s kube-apiserver 3.00, controller 2.00, etcd 1.00")
+    assert "total 6.00 on 2 CPUs; without the controller 4.00, at least 2.00 s of wall clock" in line
+    assert line.endswith("API writes POST nodes 1000, POST leases 1000")
