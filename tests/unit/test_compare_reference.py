@@ -92,6 +92,12 @@ def test_each_figure_says_its_target_and_whether_the_median_met_it() -> None:
     ours_only = table({OURS: {"base_lost": [40.0]}}, many=200)
     assert row(ours_only, "base lost").endswith("<= 45 s: met")
     assert row(ours_only, "delete").endswith("-")
+    # 1,000 bases have a limit of their own (3 s); other counts only "<= reference".
+    thousand = table({OURS: {"bases_many": [4.5]}, REFERENCE: {"bases_many": [None]}}, many=1000)
+    assert row(thousand, "1000 bases -> 1000 Ready Nodes").endswith("<= reference and <= 3 s: -")
+    assert row(table({OURS: {"bases_many": [2.9]}}, many=1000), "1000 bases").endswith("<= 3 s: met")
+    assert row(table({OURS: {"bases_many": [3.1]}}, many=1000), "1000 bases").endswith("<= 3 s: NOT met")
+    assert row(table({OURS: {"bases_many": [3.1]}}, many=500), "500 bases").endswith("3.10 [3.10-3.10]")
 
 
 def test_registration_only_prints_only_the_registrations() -> None:
