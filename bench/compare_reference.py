@@ -14,7 +14,7 @@ namespace of its own, and measures:
   RSS at 200 bases                  the controller's resident memory once they are Ready, and after
                                     --rss-seconds steady
 
-Ours is `python -m koupleless provider` with its shipped defaults (or what --provider-flags adds), with the webhook and the scheduler
+Ours is `python -m koupleless provider` with its shipped defaults (or with what --provider-arg adds), with the webhook and the scheduler
 extender deployed as devcluster/stack.py deploys them (kube-scheduler restarted with the extender for
 the round, without it for the reference's). The reference is the binary given with
 --reference-binary (built by the user; this script never fetches or builds anything), configured by
@@ -206,10 +206,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag, kind, default, what in numbers:
         parser.add_argument(flag, type=kind, default=kind(default), help=f"{what} (default {default:g})")
     parser.add_argument("--workdir", default="/tmp/koupleless-bench-compare", help="logs of every round go here")
-    parser.add_argument("--provider-flags", default="", metavar="FLAGS",
-                        help="flags added to our provider's command line, as one shell-quoted string (e.g. "
-                             "'--kube-qps 1000 --new-bases-per-minute 0' for --many-bases 1000); default: none, "
-                             "its shipped defaults")
+    parser.add_argument("--provider-arg", action="append", default=[], metavar="FLAG",
+                        help="a flag added to our provider's command line (repeatable; e.g. --provider-arg=--kube-qps=1000 "
+                             "--provider-arg=--new-bases-per-minute=0 for --many-bases 1000); without it, its shipped defaults")
     parser.add_argument("--registration-only", action="store_true",
                         help="measure only the two registrations (3 and --many-bases bases); the large one with the "
                              "CPU seconds of every process, the least time it could take with a controller that "
@@ -219,10 +218,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--rounds {args.rounds}: give at least 1")
     if args.many_bases < 1:
         parser.error(f"--many-bases {args.many_bases}: give at least 1")
-    try:
-        args.provider_flags = shlex.split(args.provider_flags)
-    except ValueError as exc:
-        parser.error(f"--provider-flags {args.provider_flags!r}: {exc}; quote it as one shell string")
     if args.reference_binary is not None:
         path = Path(args.reference_binary)
         if not path.is_file() or not os.access(path, os.X_OK):
@@ -525,7 +520,7 @@ async def run(args: argparse.Namespace, cp: ControlPlane, broker: Broker) -> Res
     work = Path(args.workdir)
     results: Results = {}
     for r in range(args.rounds):
-        controllers: list[Ours | Reference] = [Ours(cp, broker, f"cmp{r}o", work / f"r{r}-ours", args.provider_flags)]
+        controllers: list[Ours | Reference] = [Ours(cp, broker, f"cmp{r}o", work / f"r{r}-ours", args.provider_arg)]
         if args.reference_binary:
             controllers.append(Reference(args.reference_binary, cp, broker, f"cmp{r}r", work / f"r{r}-reference"))
         if r % 2:
@@ -554,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average at start: {load()} ({os.cpu_count()} CPUs)", flush=True)
     print(f"reference: {args.reference_binary or 'not given (ours only)'}; rounds: {args.rounds}, "
           f"{args.many_bases} bases in the large registration; control plane with devcluster's node-loss timings; "
-          f"our provider's flags: {shlex.join(args.provider_flags) or 'its defaults'}", flush=True)
+          f"our provider's flags: {shlex.join(args.provider_arg) or 'its defaults'}", flush=True)
     try:
         # Anonymous broker, as provider_scale's: the reference logs in as its default user, and the
         # simulated bases share one connection.
