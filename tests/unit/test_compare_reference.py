@@ -27,7 +27,7 @@ def test_defaults_measure_ours_only_over_three_rounds() -> None:
 
 
 def test_provider_args_are_passed_through_one_by_one() -> None:
-    args = parse_args(["--provider-arg=--kube-qps=1000", "--provider-arg", "--new-bases-per-minute=0"])
+    args = parse_args(["--provider-arg=--kube-qps=1000", "--provider-arg=--new-bases-per-minute=0"])
     assert args.provider_arg == ["--kube-qps=1000", "--new-bases-per-minute=0"]
 
 
