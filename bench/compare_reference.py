@@ -14,9 +14,9 @@ namespace of its own, and measures:
   RSS at 200 bases                  the controller's resident memory once they are Ready, and after
                                     --rss-seconds steady
 
-Ours is `python -m koupleless provider` with its shipped defaults (or with what --provider-arg adds), with the webhook and the scheduler
-extender deployed as devcluster/stack.py deploys them (kube-scheduler restarted with the extender for
-the round, without it for the reference's). The reference is the binary given with
+Ours is `python -m koupleless provider` with its shipped defaults (or with what --provider-arg adds),
+with the webhook and the scheduler extender deployed as devcluster/stack.py deploys them
+(kube-scheduler restarted with the extender for the round, without it for the reference's). The reference is the binary given with
 --reference-binary (built by the user; this script never fetches or builds anything), configured by
 its own environment variables (ENV, ENABLE_MQTT_TUNNEL, MQTT_BROKER, MQTT_PORT, KUBECONFIG), its
 defaults otherwise. The two get the Deployment each one's docs ask users to write: ours the seed's
