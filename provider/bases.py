@@ -223,6 +223,7 @@ class BaseRegistry:
             if not_now is not None:
                 MQTT_REJECTED.labels(not_now).inc()
                 return
+        new = base is None
         if base is None:
             base = BaseState(base_id=base_id, node_name=keys.vnode_name(base_id), tunnel=tunnel,
                              tunnel_port=_tunnel_port(tunnel, hb))
@@ -259,7 +260,8 @@ class BaseRegistry:
         base.goodbye_at = None
         if not base.ready:
             base.ready = True
-            log.info("base %s is ready", base_id)
+            if not new:  # a new base's "new base" line says as much
+                log.info("base %s is ready", base_id)
             # Back from a silence: what it holds and what reached it are unknown until it says.
             self.listener.base_heard_again(base)
             self.listener.modules_changed(base)

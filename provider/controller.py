@@ -252,8 +252,10 @@ class Provider:
         if base is not None and not base.owned:
             return  # the replica holding its Lease answers
         models = self.baseline_answer(base) if base else []
-        log.info("base %s (%s %s) asked for its baseline: %d modules", ascii(base_id), ascii(metadata.name),
-                 ascii(metadata.version), len(models))
+        # Every base asks once per JVM start: worth a line when a known base restarted, not for each
+        # of a fleet's new bases (their "new base" line follows).
+        log.log(logging.INFO if base else logging.DEBUG, "base %s (%s %s) asked for its baseline: %d modules",
+                ascii(base_id), ascii(metadata.name), ascii(metadata.version), len(models))
         self.commands.send_baseline(base_id, models)
 
     def _on_call_failed(self, base: BaseState, command: str, model: arklet.BizModel | None, why: str) -> None:

@@ -119,3 +119,25 @@ def test_a_base_silent_after_a_heartbeat_is_not_ready_within_one_judge_period_of
     silent = clock.now - last
     assert bound < silent <= bound + period, f"NotReady after {silent:.2f}s of silence"
     assert base.not_ready_reason == "BaseHeartbeatMissed"
+
+
+def test_a_new_base_logs_one_line_and_a_base_back_from_silence_says_it_is_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fleet registering at once logs one registry line per base (not "new" and "ready" both);
+    a base that went NotReady and heartbeats again says it is ready."""
+    clock = Clock()
+    registry = registry_on(clock)
+    ts0 = arklet.now_ms() - 700_000
+    with caplog.at_level("INFO", logger="provider.bases"):
+        beat(registry, TUNNEL_MQTT, "b-1", ts0)
+        beat(registry, TUNNEL_MQTT, "b-1", ts0 + 10_000)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["new base 'b-1'"]
+    [base] = registry.bases.values()
+    clock.now += 10 * DEFAULTS.heartbeat_interval
+    registry.judge()
+    assert not base.ready
+    caplog.clear()
+    with caplog.at_level("INFO", logger="provider.bases"):
+        beat(registry, TUNNEL_MQTT, "b-1", ts0 + 120_000)
+    assert "base b-1 is ready" in [r.getMessage() for r in caplog.records]
