@@ -95,6 +95,10 @@ def test_each_figure_says_its_target_and_whether_the_median_met_it() -> None:
     assert row(table({OURS: {"bases_many": [2.9]}}, many=1000), "1000 bases").endswith("<= 3 s: met")
     assert row(table({OURS: {"bases_many": [3.1]}}, many=1000), "1000 bases").endswith("<= 3 s: NOT met")
     assert row(table({OURS: {"bases_many": [3.1]}}, many=500), "500 bases").endswith("3.10 [3.10-3.10]")
+    # The Leases after a registration are context: their ratio is shown, no target claimed.
+    leases = row(table({OURS: {"leases_many": [1.5]}, REFERENCE: {"leases_many": [1.0]}}, many=200),
+                 "200 bases -> their 200 Leases")
+    assert " 1.5 " in leases and leases.endswith("1.5 [1.5-1.5]")
 
 
 def test_registration_only_prints_only_the_registrations() -> None:
