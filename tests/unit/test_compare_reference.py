@@ -1,15 +1,20 @@
-"""bench/compare_reference.py's pure parts: its arguments, its table, the reference's Deployment."""
+"""bench/compare_reference.py's pure parts: its arguments, its table, the reference's Deployment,
+and how it times a figure (to the watch event that completed it)."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.compare_reference import (
     OURS,
     REFERENCE,
+    RoundFailed,
+    WatchedChanges,
     paired_ratios,
     parse_args,
     reference_deployment,
@@ -144,3 +149,45 @@ def test_where_time_went_prints_what_everyone_but_the_controller_needed(monkeypa
     assert line.startswith("CPU s kube-apiserver 3.00, controller 2.00, etcd 1.00")
     assert "total 6.00 on 2 CPUs; without the controller 4.00, at least 2.00 s of wall clock" in line
     assert line.endswith("API writes POST nodes 1000, POST leases 1000")
+
+
+class FakeInformer:
+    def __init__(self) -> None:
+        self.handlers: list[Any] = []
+
+    def add_handler(self, *handlers: Any) -> None:
+        self.handlers = list(handlers)
+
+    def add(self, obj: dict[str, Any]) -> None:
+        self.handlers[0](obj)
+
+    def update(self, obj: dict[str, Any]) -> None:
+        self.handlers[1]({}, obj)
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        self.handlers[2](obj)
+
+
+def node(name: str, status: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {"conditions": [{"type": "Ready", "status": status}]}}
+
+
+async def test_a_figure_ends_at_the_watch_event_that_completed_it() -> None:
+    nodes, pods, leases = FakeInformer(), FakeInformer(), FakeInformer()
+    changes = WatchedChanges(nodes, pods, leases)  # type: ignore[arg-type]
+    nodes.add(node("n1", "False"))
+    nodes.add(node("n2", "True"))
+    leases.add({"metadata": {"name": "n1"}})
+    assert changes.ready_nodes == {"n2"} and changes.leases == {"n1"}
+    # Woken by the event itself: a tick far longer than the test would time it out first.
+    waiting = asyncio.ensure_future(changes.wait(lambda: {"n1", "n2"} <= changes.ready_nodes, 30, "2 Ready", tick=30))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    nodes.update(node("n1", "True"))
+    assert await asyncio.wait_for(waiting, 5) >= 0
+    nodes.update(node("n2", "False"))
+    nodes.delete(node("n1", "True"))
+    leases.delete({"metadata": {"name": "n1"}})
+    assert changes.ready_nodes == set() and changes.leases == set()
+    with pytest.raises(RoundFailed, match="timed out after 0s waiting for nothing"):
+        await changes.wait(lambda: False, 0.01, "nothing", tick=0.005)
