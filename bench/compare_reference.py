@@ -81,9 +81,7 @@ from devcluster.cluster import ControlPlane
 from devcluster.processes import ManagedProcess, StartError, free_port, log_tail
 from devcluster.stack import SAMPLE_DEPLOYMENT, SAMPLE_NAME, DevStack, StackOptions
 from koupleless import keys
-from koupleless.kube import ApiError, KubeClient, resource_path
-from koupleless.kube.client import lease_path
-from koupleless.kube.informer import Informer
+from koupleless.kube import ApiError, Informer, KubeClient, lease_path, resource_path
 from provider import vnode
 from provider.basesim import BaseSimulator
 from provider.tunnel import BrokerOptions
