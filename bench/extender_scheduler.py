@@ -215,6 +215,8 @@ async def main() -> int:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--rounds", type=int, default=3, help="affinity then extender, this many times")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give at least 1 (each round runs affinity, then the extender)")
     total = args.modules * args.replicas
 
     plane = ControlPlane()
