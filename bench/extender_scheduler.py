@@ -159,12 +159,9 @@ async def remove_namespace(client: KubeClient, namespace: str, pods: list[str]) 
             await client.delete(pod_path(namespace, name), grace_period_seconds=0)
 
     await asyncio.gather(*(one(n) for n in pods))
-    for _ in range(240):  # a grace-0 delete is immediate; this only waits for the API to agree
-        if not (await client.list(pod_path(namespace)))["items"]:
-            break
-        await asyncio.sleep(0.5)
     await client.delete(namespace_path(namespace))
-    # The namespace controller deletes what is left (an Event per Pod scheduled) after this returns.
+    # The namespace controller deletes what is left (an Event per Pod scheduled) after this returns;
+    # the namespace is gone only once its Pods are too.
     for _ in range(480):
         try:
             await client.get(namespace_path(namespace))
