@@ -54,6 +54,7 @@ import os
 import shlex
 import socket
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -220,6 +221,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="measure only the two registrations (3 and --many-bases bases); the large one with the "
                              "CPU seconds of every process, the least time it could take with a controller that "
                              "cost nothing, and the API writes made meanwhile; no RSS window")
+    parser.add_argument("--apiserver-profile", metavar="DIR",
+                        help="write a kube-apiserver CPU profile (pprof) of each large registration to DIR, "
+                             "named by controller and round; read it with `go tool pprof -top FILE`")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: give at least 1")
@@ -384,6 +388,18 @@ async def earlier_namespaces_gone(cp: ControlPlane, deadline: float = 120.0) -> 
         await asyncio.sleep(0.5)  # poll interval
 
 
+def apiserver_profile(cp: ControlPlane, seconds: int, out: Path) -> None:
+    """kube-apiserver's own CPU profile over the next `seconds` (its /debug/pprof: the control plane
+    is started with profiling on when --apiserver-profile is given)."""
+    assert cp.binaries is not None
+    proc = subprocess.run([str(cp.binaries.kubectl), f"--kubeconfig={cp.kubeconfig}", "get", "--raw",
+                           f"/debug/pprof/profile?seconds={seconds}"], capture_output=True, timeout=seconds + 60)
+    if proc.returncode != 0:
+        print(f"    kube-apiserver profile failed: {proc.stderr.decode(errors='replace').strip()}", flush=True)
+        return
+    out.write_bytes(proc.stdout)
+
+
 def api_requests(cp: ControlPlane) -> dict[str, float]:
     """kube-apiserver's own count of write requests so far, by `VERB resource[/subresource]`."""
     counts: dict[str, float] = {}
@@ -532,6 +548,10 @@ async def one_round(args: argparse.Namespace, cp: ControlPlane, broker: Broker, 
                     print(f"    {ctl.who}: the machine was {busy}; measuring anyway", flush=True)
                 requests_before = await asyncio.to_thread(api_requests, cp)
                 cpu_before = registration_cpu(cp, ctl)
+            profile = None
+            if explain and args.apiserver_profile:
+                out = Path(args.apiserver_profile) / f"{ctl.env}-{ctl.who}.pprof"
+                profile = asyncio.create_task(asyncio.to_thread(apiserver_profile, cp, 2, out))
             t0 = time.monotonic()
             await fleet.start()
             await timed(lambda: len(names & changes.ready_nodes) >= count, f"{count} Ready Nodes")
@@ -543,6 +563,8 @@ async def one_round(args: argparse.Namespace, cp: ControlPlane, broker: Broker, 
                 requests = await asyncio.to_thread(api_requests, cp)
                 print(f"    {ctl.who} registering {count} bases: " + where_time_went(cpu, requests_before, requests),
                       flush=True)
+            if profile is not None:
+                await profile
             return fleet
 
         fleet = await register(3, f"{tag}-b", "bases3")
@@ -620,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Anonymous broker, as provider_scale's: the reference logs in as its default user, and the
         # simulated bases share one connection.
-        with ControlPlane() as cp, Broker(identity=False) as broker:
+        with ControlPlane(profiling=bool(args.apiserver_profile)) as cp, Broker(identity=False) as broker:
             results = uvloop.run(run(args, cp, broker))
         only = REGISTRATIONS if args.registration_only else None
         print("\n".join(table(results, args.many_bases, only)))

@@ -57,6 +57,8 @@ class ControlPlane:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="koupleless-devcluster-")))
     timings: Timings = field(default_factory=Timings)
     keep_workdir: bool = False
+    #: kube-apiserver serves /debug/pprof (for a bench to read where its CPU goes); off otherwise.
+    profiling: bool = False
 
     def __post_init__(self) -> None:
         self.processes: dict[str, ManagedProcess] = {}
@@ -293,7 +295,7 @@ class ControlPlane:
                 "--allow-privileged=true",
                 f"--default-not-ready-toleration-seconds={t.default_toleration_seconds}",
                 f"--default-unreachable-toleration-seconds={t.default_toleration_seconds}",
-                "--profiling=false",
+                f"--profiling={'true' if self.profiling else 'false'}",
                 "--v=1",
             ],
         )
