@@ -46,6 +46,18 @@ def test_reference_binary_must_be_an_executable_file(tmp_path: Path, capsys: pyt
     assert parse_args(["--reference-binary", str(binary)]).reference_binary == str(binary.resolve())
 
 
+def test_apiserver_profile_directory_is_made_or_refused_by_name(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    made = tmp_path / "profiles" / "today"
+    assert parse_args(["--apiserver-profile", str(made)]).apiserver_profile == str(made)
+    assert made.is_dir()
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(SystemExit):
+        parse_args(["--apiserver-profile", str(taken / "sub")])
+    assert f"--apiserver-profile {taken / 'sub'}: cannot make that directory" in capsys.readouterr().err
+
+
 def test_rounds_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--rounds", "0"])
